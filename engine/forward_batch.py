@@ -1,0 +1,78 @@
+"""The flattened batch one model forward consumes.
+
+Every scheduled request contributes its new tokens (a prefill chunk or one
+decode token) to a single token dimension T. Attention reads each request's
+whole context from the paged KV cache through its block table, so prefill,
+chunked prefill, prefix-cache hits and decode are the same operation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, absolute position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset where the token's K/V go
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    seq_lens: torch.Tensor  # [B] int32, context length of each request after this step
+    query_start_loc: torch.Tensor  # [B + 1] int32, request b owns tokens [qsl[b], qsl[b+1])
+    max_query_len: int
+    max_seq_len: int
+    logits_indices: torch.Tensor  # [S] int64, rows of T whose next-token logits are wanted
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    def to(self, device: torch.device | str) -> "ForwardBatch":
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
+        return ForwardBatch(**moved)
+
+    @classmethod
+    def build(cls, token_ids: list[list[int]], context_lens: list[int],
+              block_tables: list[list[int]], block_size: int,
+              want_logits: list[bool] | None = None) -> "ForwardBatch":
+        """Builds a batch on the CPU from plain lists.
+
+        token_ids[b]: the new tokens of request b; context_lens[b]: tokens of b
+        already in the cache before them; block_tables[b]: b's block ids.
+        want_logits[b]: whether b's last new token needs logits (a prefill
+        chunk that does not finish the prompt does not).
+        """
+        want_logits = want_logits or [True] * len(token_ids)
+        flat, pos, slots, qsl, seq_lens, logits_idx = [], [], [], [0], [], []
+        for b, (toks, ctx) in enumerate(zip(token_ids, context_lens)):
+            table = block_tables[b]
+            for i, tok in enumerate(toks):
+                p = ctx + i
+                flat.append(tok)
+                pos.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            qsl.append(len(flat))
+            seq_lens.append(ctx + len(toks))
+            if want_logits[b]:
+                logits_idx.append(len(flat) - 1)
+        width = max(1, max((len(t) for t in block_tables), default=1))
+        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
+        for b, table in enumerate(block_tables):
+            tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+        return cls(
+            input_ids=torch.tensor(flat, dtype=torch.int64),
+            positions=torch.tensor(pos, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_tables=tables,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            max_query_len=max((len(t) for t in token_ids), default=0),
+            max_seq_len=max(seq_lens, default=0),
+            logits_indices=torch.tensor(logits_idx, dtype=torch.int64),
+        )

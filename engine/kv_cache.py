@@ -1,0 +1,56 @@
+"""The paged KV cache of one rank: one tensor for keys and one for values,
+[layers, blocks, block_size, kv_heads, head_dim], in the compute dtype or
+int8 with a (scale, zero) pair per token and head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerKV:
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scales: torch.Tensor | None = None
+    v_scales: torch.Tensor | None = None
+    static_params: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scales: torch.Tensor | None = None
+    v_scales: torch.Tensor | None = None
+    # calibrated (k_scale, k_zp, v_scale, v_zp) per layer for this rank, from `lite kv_qparams`
+    static_params: list[tuple[float, float, float, float]] | None = None
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device, int8: bool = False,
+                 static_params: list[tuple[float, float, float, float]] | None = None) -> "KVCache":
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        if not int8:
+            return cls(torch.zeros(shape, dtype=dtype, device=device),
+                       torch.zeros(shape, dtype=dtype, device=device))
+        scale_shape = shape[:-1] + (2,)
+        return cls(torch.zeros(shape, dtype=torch.int8, device=device),
+                   torch.zeros(shape, dtype=torch.int8, device=device),
+                   torch.zeros(scale_shape, dtype=torch.float32, device=device),
+                   torch.zeros(scale_shape, dtype=torch.float32, device=device),
+                   static_params)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
+                        dtype: torch.dtype, int8: bool = False) -> int:
+        per_token_head = head_dim * (1 if int8 else torch.finfo(dtype).bits // 8)
+        if int8:
+            per_token_head += 2 * 4
+        return 2 * num_layers * block_size * kv_heads * per_token_head
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.k[i], self.v[i],
+                       None if self.k_scales is None else self.k_scales[i],
+                       None if self.v_scales is None else self.v_scales[i],
+                       None if self.static_params is None else self.static_params[i])

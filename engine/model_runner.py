@@ -1,0 +1,82 @@
+"""One rank's model and KV cache: takes a ForwardBatch, returns next-token logits."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..parallel.comm import LocalGroup, TPGroup
+from .config import EngineConfig, WorkspaceMeta
+from .errors import ConfigError
+from .forward_batch import ForwardBatch
+from .kv_cache import KVCache
+from .loader import build_model, load_kv_qparams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, meta: WorkspaceMeta, device: torch.device) -> torch.dtype:
+    """'auto': the stored float type on GPUs, float32 on CPUs (bf16 matmuls are slow there)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    stored = meta.weight_type if meta.weight_type in DTYPES else "float16"
+    if stored == "float32":
+        return torch.bfloat16
+    return DTYPES[stored]
+
+
+class ModelRunner:
+    def __init__(self, workspace: Path, meta: WorkspaceMeta, config: EngineConfig, rank: int = 0,
+                 group: TPGroup = LocalGroup()) -> None:
+        self.config = config
+        self.device = resolve_device(config.device, rank)
+        self.dtype = resolve_dtype(config.dtype, meta, self.device)
+        cfg = meta.model
+        self.model = build_model(workspace, meta, rank, self.dtype, self.device, group,
+                                 max_positions=config.session_len)
+        self.vocab_size = cfg.vocab_size
+        self.block_size = config.cache_block_seq_len
+        kv_heads = self.model.layers[0].self_attn.num_kv_heads
+        static = load_kv_qparams(workspace, rank, cfg.num_layers) if config.kv_int8 else None
+        per_block = KVCache.bytes_per_block(cfg.num_layers, self.block_size, kv_heads, cfg.head_dim,
+                                            self.dtype, config.kv_int8)
+        self.num_blocks = self._count_blocks(per_block)
+        self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, kv_heads,
+                                         cfg.head_dim, self.dtype, self.device, config.kv_int8,
+                                         static)
+
+    def _count_blocks(self, per_block: int) -> int:
+        c = self.config
+        if c.cache_max_entry_count >= 1:
+            return int(c.cache_max_entry_count)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            blocks = int(free * c.cache_max_entry_count // per_block)
+        else:  # no allocator to ask: enough for every slot's whole session, within free RAM
+            wanted = c.max_batch_size * math.ceil(c.session_len / self.block_size)
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            blocks = min(wanted, int(avail * c.cache_max_entry_count // per_block))
+        if blocks < 1:
+            raise ConfigError(f"no memory left for the KV cache ({per_block} bytes a block); raise "
+                              f"--cache-max-entry-count or use more GPUs (--tp)")
+        return blocks
+
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        hidden = self.model(batch, self.kv_cache)
+        return self.model.compute_logits(hidden[batch.logits_indices])

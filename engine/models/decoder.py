@@ -1,0 +1,134 @@
+"""The decoder shared by every supported family (they differ only in the
+options ModelConfig records: biases, q/k norm, rope scaling, tied embeddings).
+
+Module and buffer names equal the per-rank workspace tensor names, so loading
+a rank is `load_state_dict`. Hot paths call `tpserve.kernels`, which runs
+Triton on CUDA and plain torch elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...kernels import (apply_rotary, build_cos_sin_cache, fused_add_rms_norm, paged_attention,
+                        rms_norm, silu_and_mul, store_kv_cache)
+from ...parallel.comm import LocalGroup, TPGroup
+from ...parallel.linear import (LinearMethod, ParallelLinear, ParallelLMHead,
+                                VocabParallelEmbedding)
+from ...parallel.sharding import ShardPlan
+from ..config import ModelConfig
+from ..forward_batch import ForwardBatch
+from ..kv_cache import KVCache, LayerKV
+from .rope import rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: ShardPlan, method: LinearMethod,
+                 dtype: torch.dtype, group: TPGroup) -> None:
+        super().__init__()
+        self.num_heads = plan.heads_per_rank
+        self.num_kv_heads = plan.kv_heads_per_rank
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.sliding_window = cfg.sliding_window
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = ParallelLinear(cfg.hidden_size, q + 2 * kv, cfg.qkv_bias, method, dtype)
+        self.o_proj = ParallelLinear(q, cfg.hidden_size, cfg.o_bias, method, dtype, reduce=group)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        self.split = (q, kv, kv)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cos_sin: torch.Tensor,
+                kv: LayerKV) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(k.shape)
+        q, k = apply_rotary(q, k, batch.positions, cos_sin)
+        store_kv_cache(k, v, kv.k, kv.v, batch.slot_mapping, kv.k_scales, kv.v_scales,
+                       kv.static_params)
+        out = paged_attention(q, kv.k, kv.v, batch.block_tables, batch.seq_lens,
+                              batch.query_start_loc, batch.max_query_len, batch.max_seq_len,
+                              self.scale, self.sliding_window, kv.k_scales, kv.v_scales)
+        return self.o_proj(out.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: ShardPlan, method: LinearMethod,
+                 dtype: torch.dtype, group: TPGroup) -> None:
+        super().__init__()
+        inter = plan.inter_per_rank
+        self.gate_up_proj = ParallelLinear(cfg.hidden_size, 2 * inter, False, method, dtype)
+        self.down_proj = ParallelLinear(inter, cfg.hidden_size, False, method, dtype, reduce=group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: ShardPlan, method: LinearMethod,
+                 dtype: torch.dtype, group: TPGroup) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, plan, method, dtype, group)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, plan, method, dtype, group)
+
+    def forward(self, x, residual, batch, cos_sin, kv):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch, cos_sin, kv)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    """One rank of a decoder-only transformer."""
+
+    def __init__(self, cfg: ModelConfig, plan: ShardPlan, method: LinearMethod,
+                 padded_vocab: int, dtype: torch.dtype, group: TPGroup = LocalGroup(),
+                 max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, dtype, group)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, plan, method, dtype, group)
+                                    for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = ParallelLMHead(padded_vocab, cfg.hidden_size, cfg.vocab_size, dtype, group,
+                                      own_weight=not cfg.tie_word_embeddings)
+        inv_freq, scaling = rope_inv_freq(cfg)
+        positions = max(max_positions or 0, cfg.max_position_embeddings)
+        self.register_buffer("cos_sin", build_cos_sin_cache(inv_freq, positions, scaling),
+                             persistent=False)
+
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, batch, self.cos_sin, kv_cache.layer(i))
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab_size] float32, whole vocab on every rank."""
+        tied = self.embed_tokens.weight if self.config.tie_word_embeddings else None
+        return self.lm_head(hidden, tied).float()

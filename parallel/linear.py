@@ -1,0 +1,174 @@
+"""Linear layers for tensor parallelism, and the weight formats they run.
+
+A `LinearMethod` owns a weight layout: which tensors a linear layer holds,
+how to cut them along the output or the input features (the tensor-parallel
+split, done once at convert time), how to fuse several layers on the output
+dim (q/k/v, gate/up) and how to run them. Tensor-parallel code calls those
+methods and never looks inside the packing.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..kernels import awq_dequantize, w4a16_gemm
+from .comm import LocalGroup, TPGroup
+
+Params = dict[str, torch.Tensor]
+
+
+class LinearMethod(Protocol):
+    name: str
+
+    def shapes(self, in_features: int, out_features: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]: ...
+    def slice_out(self, p: Params, start: int, end: int) -> Params: ...
+    def slice_in(self, p: Params, start: int, end: int) -> Params: ...
+    def cat_out(self, parts: list[Params]) -> Params: ...
+    def apply(self, p: Params, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class UnquantizedMethod:
+    """weight [out, in] in the compute dtype."""
+
+    name = "none"
+    param_names = ("weight",)
+
+    def shapes(self, in_features, out_features, dtype):
+        return {"weight": ((out_features, in_features), dtype)}
+
+    def slice_out(self, p, start, end):
+        return {"weight": p["weight"][start:end]}
+
+    def slice_in(self, p, start, end):
+        return {"weight": p["weight"][:, start:end]}
+
+    def cat_out(self, parts):
+        return {"weight": torch.cat([q["weight"] for q in parts], dim=0)}
+
+    def apply(self, p, x):
+        return torch.nn.functional.linear(x, p["weight"])
+
+
+class AWQMethod:
+    """4-bit weights in AutoAWQ's GEMM packing: qweight [in, out/8] int32,
+    qzeros [in/G, out/8] int32, scales [in/G, out]. Cuts fall on packed words
+    (8 output columns) and on quantization groups (G input rows)."""
+
+    name = "awq"
+    param_names = ("qweight", "qzeros", "scales")
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+
+    def shapes(self, in_features, out_features, dtype):
+        g = self.group_size
+        return {"qweight": ((in_features, out_features // 8), torch.int32),
+                "qzeros": ((in_features // g, out_features // 8), torch.int32),
+                "scales": ((in_features // g, out_features), dtype)}
+
+    def slice_out(self, p, start, end):
+        if start % 8 or end % 8:
+            raise ValueError(f"AWQ weights can only be split on output columns that are multiples "
+                             f"of 8; got [{start}, {end})")
+        return {"qweight": p["qweight"][:, start // 8:end // 8],
+                "qzeros": p["qzeros"][:, start // 8:end // 8],
+                "scales": p["scales"][:, start:end]}
+
+    def slice_in(self, p, start, end):
+        g = self.group_size
+        if start % g or end % g:
+            raise ValueError(f"AWQ weights can only be split on input rows that are multiples of "
+                             f"the group size {g}; got [{start}, {end})")
+        return {"qweight": p["qweight"][start:end],
+                "qzeros": p["qzeros"][start // g:end // g],
+                "scales": p["scales"][start // g:end // g]}
+
+    def cat_out(self, parts):
+        return {k: torch.cat([q[k] for q in parts], dim=1) for k in self.param_names}
+
+    def apply(self, p, x):
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.is_cuda:
+            y = w4a16_gemm(x2, p["qweight"], p["scales"], p["qzeros"], self.group_size)
+        else:
+            w = awq_dequantize(p["qweight"], p["scales"], p["qzeros"], self.group_size)
+            y = x2 @ w.to(x2.dtype)
+        return y.reshape(*shape, y.shape[-1])
+
+
+def linear_method(quant_method: str, group_size: int = 0) -> LinearMethod:
+    if quant_method == "awq":
+        return AWQMethod(group_size)
+    return UnquantizedMethod()
+
+
+class ParallelLinear(nn.Module):
+    """A linear layer holding this rank's shard.
+
+    Column-parallel layers (reduce=None) produce this rank's slice of the
+    outputs; row-parallel ones (reduce=group) take this rank's slice of the
+    inputs and all-reduce the partial sums, adding the bias once, afterwards.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, method: LinearMethod,
+                 dtype: torch.dtype, reduce: TPGroup | None = None) -> None:
+        super().__init__()
+        self.method = method
+        self.reduce = reduce
+        for name, (shape, dt) in method.shapes(in_features, out_features, dtype).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
+
+    def params(self) -> Params:
+        return {name: getattr(self, name) for name in self.method.param_names}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.method.apply(self.params(), x)
+        if self.reduce is not None and self.reduce.world_size > 1:
+            y = self.reduce.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [rank * V/tp, (rank+1) * V/tp) of the (padded) embedding table."""
+
+    def __init__(self, padded_vocab: int, hidden: int, dtype: torch.dtype,
+                 group: TPGroup = LocalGroup()) -> None:
+        super().__init__()
+        self.group = group
+        self.per_rank = padded_vocab // group.world_size
+        self.start = group.rank * self.per_rank
+        self.register_buffer("weight", torch.empty(self.per_rank, hidden, dtype=dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.group.world_size == 1:
+            return torch.nn.functional.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = torch.nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0)
+        return self.group.all_reduce(out)
+
+
+class ParallelLMHead(nn.Module):
+    """This rank's vocab rows of the output projection; logits are gathered whole
+    and trimmed to the real vocab."""
+
+    def __init__(self, padded_vocab: int, hidden: int, vocab_size: int, dtype: torch.dtype,
+                 group: TPGroup = LocalGroup(), own_weight: bool = True) -> None:
+        super().__init__()
+        self.group = group
+        self.vocab_size = vocab_size
+        shape = (padded_vocab // group.world_size, hidden)
+        self.register_buffer("weight", torch.empty(shape, dtype=dtype) if own_weight else None)
+
+    def forward(self, hidden: torch.Tensor, tied: torch.Tensor | None = None) -> torch.Tensor:
+        """tied: the embedding's shard, for models whose output reuses it."""
+        logits = torch.nn.functional.linear(hidden, self.weight if tied is None else tied)
+        logits = self.group.all_gather(logits, dim=-1)
+        return logits[..., :self.vocab_size]
