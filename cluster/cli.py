@@ -58,16 +58,16 @@ def engine_options(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import chat_cli, convert_cli, env_cli
+    from . import chat_cli, convert_cli, env_cli, serve_cli
 
     parser = argparse.ArgumentParser(
         prog="tpserve", description="Compress and serve LLMs, on one box or a Ray cluster.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     registrars: list[Callable] = [convert_cli.add_parser, chat_cli.add_parser,
-                                  env_cli.add_list_parser, env_cli.add_check_env_parser]
-    for optional in ("serve_cli", "lite_cli"):
-        if importlib.util.find_spec(f"{__package__}.{optional}") is not None:
-            registrars.append(importlib.import_module(f"{__package__}.{optional}").add_parser)
+                                  env_cli.add_list_parser, env_cli.add_check_env_parser,
+                                  serve_cli.add_serve_parser]
+    if importlib.util.find_spec(f"{__package__}.lite_cli") is not None:
+        registrars.append(importlib.import_module(f"{__package__}.lite_cli").add_parser)
     for register in registrars:
         register(sub)
     return parser

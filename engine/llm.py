@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -85,6 +86,8 @@ class LLM:
         self._async = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.workspace} has no tokenizer; pass prompts as token ids")
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
@@ -132,10 +135,14 @@ class LLM:
 
 
 def _make_executor(workspace: Path, meta: WorkspaceMeta, config: EngineConfig):
+    from .model_runner import ModelRunner
+
     if meta.tp == 1:
-        from .model_runner import ModelRunner
-
         return ModelRunner(workspace, meta, config)
-    from ..parallel.executor import RayExecutor  # tensor parallel: one Ray actor per rank
+    from ..parallel.executor import PlacementError, RayExecutor  # one Ray actor per rank
 
-    return RayExecutor(workspace, meta, config)
+    factory = functools.partial(ModelRunner, workspace, meta, config)  # called as (rank, group)
+    try:
+        return RayExecutor(meta.tp, factory, device=config.device)
+    except PlacementError as exc:
+        raise ConfigError(str(exc)) from None

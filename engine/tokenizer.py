@@ -66,7 +66,10 @@ class QwenTiktokenTokenizer:
 
 
 def load_tokenizer(folder: Path, kind: str = "hf"):
-    """The tokenizer saved in a workspace's `tokenizer/` folder (or a HF model folder)."""
+    """The tokenizer saved in a workspace's `tokenizer/` folder (or a HF model folder);
+    None when the folder is empty (a workspace driven with token ids only)."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
     if kind == "qwen_tiktoken":
         vocab = folder / "qwen.tiktoken"
         if not vocab.is_file():

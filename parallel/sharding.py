@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linear import LinearMethod, Params
+from .linear import LinearMethod
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,6 @@ def _largest_tp(width: int, group: int) -> int:
     return tp
 
 
-def _rows(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    return t[start:end]
-
-
-def shard_linear_out(method: LinearMethod, p: Params, ranges: list[tuple[int, int]]) -> Params:
-    """Fuses several output ranges (e.g. this rank's q, k and v) into one linear."""
-    return method.cat_out([method.slice_out(p, s, e) for s, e in ranges])
-
-
 def shard_layer(tensors: dict[str, torch.Tensor], layer: int, plan: ShardPlan,
                 method: LinearMethod, rank: int) -> dict[str, torch.Tensor]:
     """This rank's tensors of one decoder layer, from its canonical full tensors."""
@@ -103,8 +94,8 @@ def shard_layer(tensors: dict[str, torch.Tensor], layer: int, plan: ShardPlan,
     out.update({f"{pre}self_attn.qkv_proj.{n}": t for n, t in qkv.items()})
     if bias("self_attn.q_proj") is not None:
         out[f"{pre}self_attn.qkv_proj.bias"] = torch.cat([
-            _rows(bias("self_attn.q_proj"), *q_range), _rows(bias("self_attn.k_proj"), *kv_range),
-            _rows(bias("self_attn.v_proj"), *kv_range)])
+            bias("self_attn.q_proj")[slice(*q_range)], bias("self_attn.k_proj")[slice(*kv_range)],
+            bias("self_attn.v_proj")[slice(*kv_range)]])
     o = method.slice_in(linear("self_attn.o_proj"), *q_range)
     out.update({f"{pre}self_attn.o_proj.{n}": t for n, t in o.items()})
     gate_up = method.cat_out([method.slice_out(linear("mlp.gate_proj"), *i_range),

@@ -1,0 +1,111 @@
+"""Shared pieces of the benchmarks: real-shape random models (as a tpserve
+workspace and as a transformers model), and the copy bandwidth of the card."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tpserve.engine.config import ModelConfig, WorkspaceMeta
+from tpserve.engine.workspace import rank_dir, write_meta
+from tpserve.parallel.linear import UnquantizedMethod
+from tpserve.parallel.sharding import ShardPlan, padded_vocab, shard_layer, shard_vocab
+
+SHAPES = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                      num_heads=32, num_kv_heads=8, rope_theta=500000.0),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                      num_heads=32, num_kv_heads=32, rope_theta=10000.0),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1000000.0,
+                       qkv_bias=True),
+}
+
+
+def model_config(shape: str, layers: int | None = None) -> ModelConfig:
+    s = dict(SHAPES[shape])
+    if layers:
+        s["num_layers"] = layers
+    return ModelConfig(architecture="LlamaForCausalLM", head_dim=s["hidden_size"] // s["num_heads"],
+                       rms_norm_eps=1e-5, max_position_embeddings=8192, **s)
+
+
+def random_workspace(cfg: ModelConfig, dst: Path, tp: int = 1, dtype=torch.bfloat16) -> Path:
+    """Writes a workspace of random weights in cfg's shape (fast: made on the GPU)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = ShardPlan(tp, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
+    method = UnquantizedMethod()
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    for r in range(tp):
+        rank_dir(dst, r).mkdir(parents=True, exist_ok=True)
+    for i in range(cfg.num_layers):
+        shapes = {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                  "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                  "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
+                  "mlp.down_proj.weight": (h, inter), "input_layernorm.weight": (h,),
+                  "post_attention_layernorm.weight": (h,)}
+        if cfg.qkv_bias:
+            shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                           "self_attn.v_proj.bias": (kv,)})
+        t = {f"layers.{i}.{k}": (torch.randn(v, device=dev, dtype=dtype) * 0.02
+                                 if len(v) == 2 or "bias" in k
+                                 else torch.ones(v, device=dev, dtype=dtype))
+             for k, v in shapes.items()}
+        for r in range(tp):
+            part = {k: v.cpu() for k, v in shard_layer(t, i, plan, method, r).items()}
+            save_file(part, rank_dir(dst, r) / f"layer_{i:04d}.safetensors")
+    vocab = padded_vocab(cfg.vocab_size, tp)
+    embed = torch.randn(cfg.vocab_size, h, device=dev, dtype=dtype) * 0.02
+    head = torch.randn(cfg.vocab_size, h, device=dev, dtype=dtype) * 0.02
+    for r in range(tp):
+        save_file({"embed_tokens.weight": shard_vocab(embed, vocab, tp, r).cpu(),
+                   "lm_head.weight": shard_vocab(head, vocab, tp, r).cpu(),
+                   "norm.weight": torch.ones(h, dtype=dtype)},
+                  rank_dir(dst, r) / "embed_head.safetensors")
+    (dst / "tokenizer").mkdir(exist_ok=True)
+    write_meta(dst, WorkspaceMeta(model=cfg, model_name="base", tp=tp,
+                                  weight_type=str(dtype).removeprefix("torch."),
+                                  padded_vocab_size=vocab))
+    return dst
+
+
+def hf_model(cfg: ModelConfig, dtype=torch.bfloat16):
+    """A transformers Llama of the same shape (random weights), for the baseline."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                     intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                     num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                     max_position_embeddings=8192, rope_theta=cfg.rope_theta,
+                     attention_bias=cfg.qkv_bias, torch_dtype=dtype)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hf).to(dtype).eval()
+    return model
+
+
+def weight_bytes(cfg: ModelConfig, bytes_per_weight: float = 2.0) -> float:
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    per_layer = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * inter
+    # the embedding row read per token is negligible; the LM head is read whole
+    return (cfg.num_layers * per_layer + cfg.vocab_size * h) * bytes_per_weight
+
+
+def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (the practical ceiling)."""
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    iters = 20
+    for _ in range(iters):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * n_bytes * iters / (time.perf_counter() - start)
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

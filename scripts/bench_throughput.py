@@ -1,0 +1,117 @@
+"""Offline throughput: N ShareGPT-like requests (random lengths around ~200 in,
+~180 out, ignore_eos) through tpserve, and through transformers' generate in
+padded batches as the baseline, on the same card in the same run.
+
+    python scripts/bench_throughput.py --shape llama3-8b --num-prompts 512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import card, hf_model, model_config, random_workspace  # noqa: E402
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        in_len = max(4, int(rng.lognormvariate(5.1, 0.6)))   # median ~165, mean ~200
+        out_len = max(4, int(rng.lognormvariate(5.0, 0.5)))  # median ~150, mean ~170
+        out.append(([rng.randrange(100, 20000) for _ in range(min(in_len, 1024))],
+                    min(out_len, 512)))
+    return out
+
+
+def run_tpserve(llm, reqs) -> float:
+    from tpserve.engine.sampling_params import SamplingParams
+
+    engine = llm.engine
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, (ids, out_len) in enumerate(reqs):
+        engine.add_request(f"tp-{i}", ids, SamplingParams(max_tokens=out_len, temperature=0,
+                                                          ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_hf(model, reqs, batch: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i:i + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device="cuda")
+        mask = torch.zeros_like(ids)
+        for j, (p, _) in enumerate(chunk):  # left padding
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        n = max(o for _, o in chunk)  # static batching: every row runs to the longest
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--hf-prompts", type=int, default=64, help="baseline runs on a prefix")
+    p.add_argument("--hf-batch", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=128)
+    p.add_argument("--quant-policy", type=int, default=0)
+    p.add_argument("--workspace", default=None)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    from tpserve.engine.llm import LLM
+
+    cfg = model_config(args.shape, args.layers)
+    ws = Path(args.workspace) if args.workspace else random_workspace(
+        cfg, Path(tempfile.mkdtemp(prefix="tpserve-bench-")) / "ws")
+    reqs = workload(args.num_prompts)
+    llm = LLM(ws, cache_max_entry_count=0.85, session_len=2048,
+              max_batch_size=args.max_batch_size, quant_policy=args.quant_policy)
+    run_tpserve(llm, workload(4, seed=1))  # warm-up
+    secs = run_tpserve(llm, reqs)
+    out_tokens = sum(o for _, o in reqs)
+    rows = [dict(engine="tpserve", requests=len(reqs), seconds=secs, req_s=len(reqs) / secs,
+                 out_tok_s=out_tokens / secs)]
+    llm.shutdown()
+    del llm
+    torch.cuda.empty_cache()
+    if not args.no_baseline:
+        sub = reqs[:args.hf_prompts]
+        model = hf_model(cfg)
+        run_hf(model, workload(2, seed=1), 2)
+        secs = run_hf(model, sub, args.hf_batch)
+        rows.append(dict(engine="transformers", requests=len(sub), seconds=secs,
+                         req_s=len(sub) / secs, out_tok_s=sum(o for _, o in sub) / secs))
+    print(f"\n{card()}  shape={args.shape} layers={cfg.num_layers} "
+          f"quant_policy={args.quant_policy}")
+    print(f"{'engine':<13}{'reqs':>6}{'req/s':>9}{'out tok/s':>11}{'x HF':>7}")
+    base = rows[-1]["out_tok_s"] if rows[-1]["engine"] == "transformers" else float("nan")
+    for r in rows:
+        print(f"{r['engine']:<13}{r['requests']:>6}{r['req_s']:>9.2f}{r['out_tok_s']:>11.0f}"
+              f"{r['out_tok_s'] / base:>7.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(card=card(), rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
