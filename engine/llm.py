@@ -93,7 +93,8 @@ class LLM:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """One finished output per prompt (strings or lists of token ids), in order."""
+        """One finished output per prompt (strings or lists of token ids), in order;
+        for sampling params with n > 1, that prompt's entry is a list of n outputs."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -106,12 +107,16 @@ class LLM:
             request_id = f"gen-{next(self._ids)}"
             self.engine.add_request(request_id, ids, sp)
             order.append(request_id)
-        done: dict[str, RequestOutput] = {}
+        done: dict[str, list[RequestOutput]] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 if out.finished:
-                    done[out.request_id] = out
-        return [done[r] for r in order]
+                    done.setdefault(out.request_id.split("[")[0], []).append(out)
+        results = []
+        for request_id, sp in zip(order, params):
+            samples = sorted(done[request_id], key=lambda o: o.index)
+            results.append(samples if sp.n > 1 else samples[0])
+        return results
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None
              ) -> RequestOutput:

@@ -18,7 +18,8 @@ class RequestOutput:
     token_ids/text hold everything generated so far; delta_token_ids/delta_text
     what this step added (the streaming increment). finish_reason is None while
     running, then "stop" (eos, stop string or stop token) or "length"
-    (max_tokens or the session length), or "abort".
+    (max_tokens or the session length), or "abort". With n > 1 each sample
+    is its own output: request_id `rid[i]`, index i.
     """
 
     request_id: str
@@ -31,6 +32,8 @@ class RequestOutput:
     delta_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    index: int = 0  # which of a request's n samples this is
+    error: str | None = None  # why the engine ended it early, when it did
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,254 @@
+"""LLMEngine: the step loop that turns requests into streamed outputs.
+
+Each `step()`: schedule -> build the ForwardBatch -> `runner.execute` ->
+sample the rows that end their request's known tokens -> append tokens ->
+detokenize and check stop conditions -> one RequestOutput per request that
+advanced or finished. The runner is anything with the `ModelRunner` shape
+below; the ForwardBatch (built on the CPU) is its only per-step input, so an
+executor can broadcast it to tensor-parallel ranks unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from .block_manager import KVBlockPool
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer, Tokenizer, stop_reason
+from .errors import RequestError
+from .forward_batch import ForwardBatch
+from .outputs import RequestOutput, TokenLogprob
+from .request import Request, child_request_ids
+from .sampler import SamplerOutput, SamplingBatch, sample
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledChunk, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner(Protocol):
+    block_size: int  # tokens per KV block
+    num_blocks: int  # KV blocks on every rank
+    vocab_size: int  # width of the logits
+    device: torch.device
+
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        """[S, vocab_size] float32 logits on `device`, one row per batch.logits_indices entry."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # requests being generated
+    waiting: int  # requests queued (new or preempted)
+    num_sessions: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # of them, served from the cache
+    prefix_cache_hit_rate: float
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _OutputState:
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None,
+                 engine_config: EngineConfig, eos_token_ids: Sequence[int] = ()) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = engine_config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.pool = KVBlockPool(runner.num_blocks, runner.block_size, engine_config.enable_prefix_caching)
+        self.scheduler = Scheduler(engine_config, self.pool)
+        self._states: dict[str, _OutputState] = {}
+        self._children: dict[str, list[str]] = {}  # request id -> its n sample ids, when n > 1
+        self._parent_of: dict[str, str] = {}
+        self._pending: list[RequestOutput] = []  # outputs decided outside a step (max_tokens=0)
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # -- requests ------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    sampling_params: SamplingParams, session_id: int | str | None = None,
+                    keep_session: bool = False) -> None:
+        """Queues a request; raises RequestError when it cannot be served."""
+        self._check_request(request_id, prompt_token_ids, sampling_params, session_id)
+        context = self.scheduler.session_context(session_id)
+        ids = child_request_ids(request_id, sampling_params.n)
+        requests = [Request.new(cid, list(prompt_token_ids), self._child_params(sampling_params, i),
+                                context_token_ids=context, session_id=session_id,
+                                keep_session=keep_session)
+                    for i, cid in enumerate(ids)]
+        for request in requests:
+            self.scheduler.validate(request)
+        if len(ids) > 1:
+            self._children[request_id] = ids
+            self._parent_of.update((cid, request_id) for cid in ids)
+        for request in requests:
+            request.generator = self._generator(request.sampling_params.seed)
+            self.scheduler.add_request(request)
+            self._states[request.request_id] = _OutputState(IncrementalDetokenizer(
+                self.tokenizer, request.token_ids[:request.num_prompt_tokens], request.sampling_params))
+            if request.sampling_params.max_tokens == 0:
+                self.scheduler.finish(request, "length")
+                self._pending.append(self._output(request, [], None))
+        self.prompt_tokens_total += len(prompt_token_ids) * len(ids)
+
+    def _check_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                       params: SamplingParams, session_id: int | str | None) -> None:
+        if request_id in self._children or request_id in self._states:
+            raise RequestError(f"request id {request_id!r} is already in use; give each request a unique id")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this engine was built without one")
+        if params.n > 1 and session_id is not None:
+            raise RequestError("n > 1 cannot continue an interactive session; use n=1")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                               f"(0..{self.runner.vocab_size - 1})")
+
+    @staticmethod
+    def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+        if params.n == 1:
+            return params
+        seed = None if params.seed is None else params.seed + index
+        return dataclasses.replace(params, n=1, seed=seed)
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.runner.device).manual_seed(seed)
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        """Stops a request (all its samples) and frees its blocks; returns its final outputs."""
+        outputs = []
+        for cid in list(self._children.get(request_id, [request_id])):
+            request = self.scheduler.abort(cid)
+            if request is not None:
+                outputs.append(self._output(request, [], None))
+        return outputs
+
+    def end_session(self, session_id: int | str) -> list[RequestOutput]:
+        """Frees what an interactive session holds; stops its request in progress, if any,
+        and returns that request's final outputs."""
+        session = self.scheduler.sessions.get(session_id)
+        outputs = []
+        if session is not None and session.active_request_id is not None:
+            self.scheduler.requests[session.active_request_id].keep_session = False
+            outputs = self.abort_request(session.active_request_id)
+        self.scheduler.end_session(session_id)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            num_sessions=len(self.scheduler.sessions), kv_cache_usage=self.pool.usage,
+            prefix_cache_queries=self.pool.prefix_query_tokens,
+            prefix_cache_hits=self.pool.prefix_hit_tokens,
+            prefix_cache_hit_rate=self.pool.prefix_hit_rate,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_preemptions=self.scheduler.num_preemptions)
+
+    # -- the step --------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        for request in scheduled.finished:
+            logger.warning("request %s stopped: %s", request.request_id, request.error)
+            outputs.append(self._output(request, [], None))
+        if scheduled.scheduled:
+            outputs.extend(self._run(scheduled.scheduled))
+        return outputs
+
+    def _run(self, chunks: Sequence[ScheduledChunk]) -> list[RequestOutput]:
+        batch = ForwardBatch.build(
+            [c.token_ids for c in chunks], [c.context_len for c in chunks],
+            [list(c.request.block_ids) for c in chunks], self.runner.block_size,
+            [c.wants_logits for c in chunks])
+        logits = self.runner.execute(batch)[:, :self.runner.vocab_size]  # drop any TP padding
+        for chunk in chunks:
+            chunk.request.num_computed_tokens += chunk.num_new_tokens
+        requests = [c.request for c in chunks if c.wants_logits]
+        if not requests:
+            return []
+        sampled = sample(logits, SamplingBatch.build(requests, self.runner.vocab_size, logits.device))
+        token_ids = sampled.token_ids.tolist()
+        logprobs = _logprob_rows(sampled, token_ids)
+        return [self._append_token(r, t, lp) for r, t, lp in zip(requests, token_ids, logprobs)]
+
+    def _append_token(self, request: Request, token_id: int,
+                      logprob: TokenLogprob | None) -> RequestOutput:
+        request.append_token(token_id)
+        self.generation_tokens_total += 1
+        params = request.sampling_params
+        if params.logprobs is None:
+            logprob = None
+        if logprob is not None:
+            logprob.top = logprob.top[:params.logprobs]
+            self._states[request.request_id].logprobs.append(logprob)
+        reason = stop_reason(token_id, request.num_output_tokens, request.num_tokens, params,
+                             self.eos_token_ids, self.config.session_len)
+        if reason != "stop":  # a stop or eos token ends the text without adding its own
+            if self._states[request.request_id].detokenizer.add_tokens([token_id]) is not None:
+                reason = "stop"
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+        return self._output(request, [token_id], logprob)
+
+    def _output(self, request: Request, new_token_ids: list[int],
+                logprob: TokenLogprob | None) -> RequestOutput:
+        finished = request.is_finished
+        state = self._states.pop(request.request_id) if finished else self._states[request.request_id]
+        if finished:
+            state.detokenizer.flush()
+            self._forget_parent(request.request_id)
+        delta_text = state.detokenizer.take_delta(finished)
+        return RequestOutput(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            token_ids=request.output_token_ids, text=state.detokenizer.emitted_text,
+            delta_token_ids=new_token_ids, delta_text=delta_text,
+            logprobs=list(state.logprobs), delta_logprobs=[logprob] if logprob else [],
+            finish_reason=request.finish_reason, num_cached_tokens=request.num_cached_tokens,
+            index=_sample_index(request.request_id), error=request.error)
+
+    def _forget_parent(self, child_id: str) -> None:
+        parent = self._parent_of.pop(child_id, None)
+        if parent is not None and all(cid not in self._states for cid in self._children.get(parent, ())):
+            self._children.pop(parent, None)
+
+
+def _sample_index(request_id: str) -> int:
+    """i for the samples `rid[i]` of an n > 1 request, else 0."""
+    if request_id.endswith("]") and "[" in request_id:
+        return int(request_id.rsplit("[", 1)[1][:-1])
+    return 0
+
+
+def _logprob_rows(sampled: SamplerOutput, token_ids: list[int]) -> list[TokenLogprob | None]:
+    if sampled.logprobs is None:
+        return [None] * len(token_ids)
+    chosen = sampled.logprobs.tolist()
+    if sampled.top_token_ids is None:
+        return [TokenLogprob(t, lp) for t, lp in zip(token_ids, chosen)]
+    tops = [list(zip(ids, lps)) for ids, lps in
+            zip(sampled.top_token_ids.tolist(), sampled.top_logprobs.tolist())]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops)]

@@ -1,0 +1,343 @@
+"""LLMEngine and AsyncLLMEngine driven by a fake model runner.
+
+The fake keeps a "KV cache" of token ids: each step writes the new tokens at
+their slots, then reads every sequence's whole context back through its block
+table. Its next token is a hash of that context, so a wrong block table,
+slot, prefix hit or recompute after preemption changes the output.
+"""
+import asyncio
+import random
+import time
+
+import pytest
+import torch
+
+from tpserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from tpserve.engine.config import EngineConfig
+from tpserve.engine.errors import RequestError
+from tpserve.engine.llm_engine import LLMEngine
+from tpserve.engine.sampling_params import SamplingParams
+
+V = 97
+BS = 4
+
+
+def next_token(context):
+    return (sum((i + 1) * t for i, t in enumerate(context)) * 31 + len(context)) % V
+
+
+def reference(prompt, max_tokens, stop_ids=()):
+    tokens, out = list(prompt), []
+    for _ in range(max_tokens):
+        out.append(next_token(tokens))
+        tokens.append(out[-1])
+        if out[-1] in stop_ids:
+            break
+    return out
+
+
+class FakeRunner:
+    def __init__(self, num_blocks=64, delay=0.0):
+        self.block_size, self.num_blocks, self.vocab_size = BS, num_blocks, V
+        self.device = torch.device("cpu")
+        self.cache = torch.full((num_blocks * BS,), -1, dtype=torch.int64)
+        self.delay = delay
+        self.fail = False
+        self.num_steps = 0
+
+    def execute(self, batch):
+        if self.fail:
+            raise RuntimeError("device lost")
+        time.sleep(self.delay)
+        self.num_steps += 1
+        self.cache[batch.slot_mapping] = batch.input_ids
+        qsl, wanted = batch.query_start_loc.tolist(), set(batch.logits_indices.tolist())
+        rows = []
+        for b in range(batch.num_seqs):
+            assert batch.positions[qsl[b + 1] - 1] == batch.seq_lens[b] - 1
+            if qsl[b + 1] - 1 in wanted:
+                table, n = batch.block_tables[b].tolist(), int(batch.seq_lens[b])
+                context = self.cache[[table[p // BS] * BS + p % BS for p in range(n)]].tolist()
+                rows.append(next_token(context))
+        logits = torch.full((len(rows), V), -5.0)
+        logits[torch.arange(len(rows)), torch.tensor(rows, dtype=torch.int64)] = 5.0
+        return logits
+
+
+class CharTokenizer:
+    """Token t is the letter chr(97 + t % 26); enough for stop-string plumbing."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
+def make_engine(num_blocks=64, tokenizer=None, eos=(), delay=0.0, **config):
+    config = EngineConfig(cache_block_seq_len=BS, **config)
+    return LLMEngine(FakeRunner(num_blocks, delay), tokenizer, config, eos)
+
+
+def greedy(max_tokens, **kw):
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+
+
+def run(engine, limit=10_000):
+    results = {}
+    for _ in range(limit):
+        if not engine.has_unfinished():
+            return results
+        for out in engine.step():
+            results.setdefault(out.request_id, []).append(out)
+    raise AssertionError("engine did not finish")
+
+
+def assert_idle(engine):
+    assert not engine.has_unfinished()
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_single_request_matches_reference():
+    engine = make_engine()
+    prompt = [5, 17, 3, 40, 2, 9]
+    engine.add_request("a", prompt, greedy(10))
+    outs = run(engine)["a"]
+    assert [o.delta_token_ids[0] for o in outs] == reference(prompt, 10)
+    assert outs[-1].token_ids == reference(prompt, 10) and outs[-1].finish_reason == "length"
+    assert outs[-1].prompt_token_ids == prompt
+    assert_idle(engine)
+
+
+def test_continuous_batching_with_chunked_prefill():
+    rng = random.Random(3)
+    engine = make_engine(max_prefill_tokens=16, max_batch_size=5)
+    expected, results, added = {}, {}, 0
+    while added < 14 or engine.has_unfinished():
+        if added < 14 and rng.random() < 0.5:
+            prompt = [rng.randrange(V) for _ in range(rng.randrange(1, 30))]
+            max_tokens = rng.randrange(1, 15)
+            engine.add_request(f"r{added}", prompt, greedy(max_tokens))
+            expected[f"r{added}"] = reference(prompt, max_tokens)
+            added += 1
+        for out in engine.step():
+            results[out.request_id] = out
+    assert {rid: o.token_ids for rid, o in results.items()} == expected
+    assert engine.stats().generation_tokens_total == sum(map(len, expected.values()))
+    assert_idle(engine)
+
+
+def test_preemption_recomputes_to_the_same_tokens():
+    engine = make_engine(num_blocks=12)  # 48 token slots for 4 x 25 tokens
+    prompts = {f"r{i}": [i * 7 + j for j in range(10)] for i in range(4)}
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, greedy(15))
+    results = run(engine)
+    assert engine.stats().num_preemptions > 0
+    for rid, prompt in prompts.items():
+        assert results[rid][-1].token_ids == reference(prompt, 15)
+    assert_idle(engine)
+
+
+def test_seeded_sampling_ignores_batch_and_preemption():
+    params = SamplingParams(temperature=50.0, top_k=40, max_tokens=15, seed=11)
+    alone = make_engine()
+    alone.add_request("x", [1, 2, 3], params)
+    want = run(alone)["x"][-1].token_ids
+    crowded = make_engine(num_blocks=12)
+    for i in range(3):
+        crowded.add_request(f"o{i}", [i + 5] * 10, greedy(15))
+    crowded.add_request("x", [1, 2, 3], params)
+    got = run(crowded)["x"][-1].token_ids
+    assert crowded.stats().num_preemptions > 0
+    assert got == want
+
+
+def test_prefix_hits_share_blocks_and_keep_outputs_exact():
+    engine = make_engine()
+    shared = list(range(10, 27))  # 17 tokens: 4 full blocks
+    engine.add_request("first", shared + [1, 2], greedy(5))
+    run(engine)
+    engine.add_request("second", shared + [3], greedy(5))
+    engine.add_request("third", shared + [4, 5, 6], greedy(5))
+    results = run(engine)
+    assert results["second"][-1].num_cached_tokens == 16
+    assert results["third"][-1].num_cached_tokens == 16
+    assert results["second"][-1].token_ids == reference(shared + [3], 5)
+    assert results["third"][-1].token_ids == reference(shared + [4, 5, 6], 5)
+    stats = engine.stats()
+    assert stats.prefix_cache_hits == 32 and stats.prefix_cache_hit_rate > 0.5
+    assert_idle(engine)
+
+
+def test_n_samples_share_the_prompt():
+    engine = make_engine()
+    prompt = list(range(30, 43))
+    engine.add_request("n", prompt, greedy(6, n=3))
+    results = run(engine)
+    assert sorted(results) == ["n[0]", "n[1]", "n[2]"]
+    assert all(r[-1].token_ids == reference(prompt, 6) for r in results.values())
+    assert engine.stats().prefix_cache_hits > 0  # the samples after the first reuse its blocks
+    engine.add_request("s", prompt, SamplingParams(temperature=50.0, max_tokens=8, seed=1, n=3))
+    outs = [r[-1].token_ids for r in run(engine).values()]
+    assert len({tuple(o) for o in outs}) == 3
+    engine.add_request("s2", prompt, SamplingParams(temperature=50.0, max_tokens=8, seed=1, n=3))
+    assert [r[-1].token_ids for r in run(engine).values()] == outs
+    assert_idle(engine)
+
+
+def test_eos_and_stop_token_ids():
+    prompt = [1, 2, 3]
+    ref = reference(prompt, 20)
+    engine = make_engine(eos=[ref[3]])
+    engine.add_request("eos", prompt, greedy(20))
+    engine.add_request("ignore", prompt, greedy(20, ignore_eos=True))
+    engine.add_request("stop_id", prompt, greedy(20, ignore_eos=True, stop_token_ids=[ref[6]]))
+    results = run(engine)
+    assert results["eos"][-1].token_ids == ref[:ref.index(ref[3]) + 1]
+    assert results["eos"][-1].finish_reason == "stop"
+    assert results["ignore"][-1].token_ids == ref and results["ignore"][-1].finish_reason == "length"
+    assert results["stop_id"][-1].token_ids == ref[:ref.index(ref[6]) + 1]
+    assert_idle(engine)
+
+
+def test_stop_string_through_the_engine():
+    prompt = [8, 1, 30]
+    text = CharTokenizer().decode(reference(prompt, 20))
+    stop = text[5:8]
+    engine = make_engine(tokenizer=CharTokenizer())
+    engine.add_request("s", prompt, greedy(20, stop=stop, logprobs=2))
+    outs = run(engine)["s"]
+    assert outs[-1].finish_reason == "stop"
+    assert outs[-1].text == "".join(o.delta_text for o in outs) == text[:text.index(stop)]
+    assert len(outs[-1].logprobs) == len(outs[-1].token_ids)
+    assert all(len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in outs[-1].logprobs)
+    with pytest.raises(RequestError, match="tokenizer"):
+        make_engine().add_request("x", prompt, greedy(3, stop="a"))
+
+
+def test_session_continues_across_turns():
+    engine = make_engine(session_len=40)
+    turn1 = [3, 1, 4, 1, 5]
+    engine.add_request("t1", turn1, greedy(6), session_id=1, keep_session=True)
+    out1 = run(engine)["t1"][-1]
+    turn2 = [9, 2, 6]
+    engine.add_request("t2", turn2, greedy(6), session_id=1, keep_session=True)
+    out2 = run(engine)["t2"][-1]
+    assert out2.prompt_token_ids == turn2 and out2.num_cached_tokens == 10
+    assert out2.token_ids == reference(turn1 + out1.token_ids + turn2, 6)
+    history = turn1 + out1.token_ids + turn2 + out2.token_ids  # 20 tokens
+    engine.add_request("t3", [7] * 5, greedy(100), session_id=1, keep_session=True)
+    out3 = run(engine)["t3"][-1]
+    assert out3.finish_reason == "length" and len(history) + 5 + len(out3.token_ids) == 40
+    with pytest.raises(RequestError, match="session_len"):
+        engine.add_request("t4", [1], greedy(5), session_id=1)
+    assert engine.stats().num_sessions == 1
+    engine.end_session(1)
+    assert_idle(engine)
+
+
+def test_abort_and_zero_max_tokens():
+    engine = make_engine()
+    engine.add_request("a", [1, 2, 3], greedy(50))
+    engine.add_request("zero", [1, 2, 3], greedy(0))
+    first = engine.step()
+    zero = next(o for o in first if o.request_id == "zero")
+    assert zero.finish_reason == "length" and zero.token_ids == []
+    engine.step()
+    final = engine.abort_request("a")
+    assert [o.finish_reason for o in final] == ["abort"] and len(final[0].token_ids) == 2
+    assert engine.abort_request("a") == []
+    assert_idle(engine)
+    with pytest.raises(RequestError, match="vocabulary"):
+        engine.add_request("bad", [V], greedy(1))
+
+
+# -- the async engine --------------------------------------------------------------
+
+
+async def collect(engine, rid, prompt, params, **kw):
+    return [out async for out in engine.generate(prompt, params, rid, **kw)]
+
+
+def test_async_concurrent_consumers():
+    async def main():
+        engine = AsyncLLMEngine(make_engine(max_batch_size=4))
+        prompts = {f"c{i}": [i, i + 1, i + 2] for i in range(8)}
+        results = await asyncio.gather(*(collect(engine, rid, p, greedy(8)) for rid, p in prompts.items()))
+        for outs, prompt in zip(results, prompts.values()):
+            assert [o.delta_token_ids[0] for o in outs] == reference(prompt, 8)
+        assert (await engine.stats())["generation_tokens_total"] == 64
+        await engine.check_health()
+        engine.shutdown()
+        assert_idle(engine.engine)
+
+    asyncio.run(main())
+
+
+def test_async_cancel_and_abort_free_blocks():
+    async def main():
+        engine = AsyncLLMEngine(make_engine(delay=0.002, session_len=100_000))
+        seen = []
+
+        async def consume():
+            async for out in engine.generate([1, 2, 3], greedy(50_000), "long"):
+                seen.append(out)
+
+        task = asyncio.create_task(consume())
+        while len(seen) < 3:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        async def aborter():
+            await asyncio.sleep(0.05)
+            await engine.abort("other")
+
+        outs, _ = await asyncio.gather(collect(engine, "other", [4, 5], greedy(50_000)), aborter())
+        assert outs[-1].finish_reason == "abort"
+        stats = await engine.stats()
+        assert stats["running"] == 0 and stats["kv_cache_usage"] == 0.0
+        with pytest.raises(RequestError):
+            await collect(engine, "bad", [], greedy(3))
+        first = asyncio.create_task(collect(engine, "dup", [1, 2], greedy(200)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(RequestError, match="already in use"):
+            await collect(engine, "dup", [1, 2], greedy(3))
+        assert (await first)[-1].token_ids == reference([1, 2], 200)
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_async_loop_errors_reach_waiting_requests():
+    async def main():
+        inner = make_engine(delay=0.002, session_len=100_000)
+        engine = AsyncLLMEngine(inner)
+        task = asyncio.create_task(collect(engine, "x", [1, 2], greedy(50_000)))
+        await asyncio.sleep(0.05)
+        inner.runner.fail = True
+        with pytest.raises(EngineDeadError, match="device lost"):
+            await asyncio.wait_for(task, 5)
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "y", [1, 2], greedy(3))
+        assert not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_async_sessions_and_n():
+    async def main():
+        engine = AsyncLLMEngine(make_engine())
+        outs = await collect(engine, "t1", [3, 1, 4], greedy(4), session_id="s", keep_session=True)
+        history = [3, 1, 4] + outs[-1].token_ids
+        outs = await collect(engine, "t2", [5], greedy(4), session_id="s", keep_session=True)
+        assert outs[-1].token_ids == reference(history + [5], 4)
+        await engine.end_session("s")
+        outs = await collect(engine, "n", [7, 7], greedy(3, n=2))
+        assert sorted(o.request_id for o in outs if o.finished) == ["n[0]", "n[1]"]
+        engine.shutdown()
+        assert_idle(engine.engine)
+
+    asyncio.run(main())
