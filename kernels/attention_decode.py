@@ -1,0 +1,133 @@
+"""Decode attention (one new token per request) over a paged KV cache.
+
+Flash-decoding: the context of each request is cut into splits, one program
+per (request, kv head, split) computes a partial softmax for all query heads of
+that kv head (GQA heads share each K/V read), and a reduce kernel merges the
+splits by their log-sum-exp. Split count depends only on the batch shape and
+``max_seq_len``, never on tensor contents, so no host sync is needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._dispatch import HAS_TRITON, cdiv, next_pow2, num_sms
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .paged_kv import load_kv_tile, online_softmax_step
+
+    @triton.jit
+    def _decode_split_kernel(
+            q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, po_ptr, pl_ptr,
+            scale_log2, window, tokens_per_split, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
+            s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, head_dim,
+            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr,
+            BLOCK_N: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
+            HAS_WINDOW: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b)
+        kv_start = 0
+        if HAS_WINDOW:
+            kv_start = tl.maximum(seq_len - window, 0)
+        begin = (kv_start // BLOCK_N) * BLOCK_N + split * tokens_per_split
+        end = tl.minimum(seq_len, begin + tokens_per_split)
+
+        g = tl.arange(0, GROUP_PAD)
+        heads = kvh * GROUP + g
+        cols = tl.arange(0, D_PAD)
+        dmask = cols < head_dim
+        qmask = (g[:, None] < GROUP) & dmask[None, :]
+        q = tl.load(q_ptr + b * sq_t + heads[:, None] * sq_h + cols[None, :], mask=qmask,
+                    other=0.0)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        table = table_ptr + b * s_tab
+        for n0 in range(begin, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            valid = (offs < end) & (offs >= kv_start)
+            k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
+                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where(valid[None, :], s, float("-inf"))
+            p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+            v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
+                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        po = po_ptr + b * s_po_b + heads[:, None] * s_po_h + split * s_po_s + cols[None, :]
+        tl.store(po, out, mask=qmask)
+        tl.store(pl_ptr + b * s_pl_b + heads * s_pl_h + split, lse, mask=g < GROUP)
+
+    @triton.jit
+    def _decode_reduce_kernel(po_ptr, pl_ptr, out_ptr, num_splits, s_po_b, s_po_h, s_po_s,
+                              s_pl_b, s_pl_h, so_t, so_h, head_dim,
+                              SPLITS_PAD: tl.constexpr, D_PAD: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        sp = tl.arange(0, SPLITS_PAD)
+        cols = tl.arange(0, D_PAD)
+        smask = sp < num_splits
+        lse = tl.load(pl_ptr + b * s_pl_b + h * s_pl_h + sp, mask=smask, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)
+        mask = smask[:, None] & (cols[None, :] < head_dim)
+        o = tl.load(po_ptr + b * s_po_b + h * s_po_h + sp[:, None] * s_po_s + cols[None, :],
+                    mask=mask, other=0.0)
+        total = tl.sum(w, axis=0)
+        out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + b * so_t + h * so_h + cols, out.to(out_ptr.dtype.element_ty),
+                 mask=cols < head_dim)
+
+
+def _split_plan(q, num_kv, max_seq_len, sliding_window, block_n):
+    """(num_splits, tokens_per_split): enough programs to fill the GPU twice over."""
+    span = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+    span = max(1, span + (0 if sliding_window is None else block_n))
+    tiles = cdiv(span, block_n)
+    want = cdiv(2 * num_sms(q), max(1, q.shape[0] * num_kv))
+    splits = max(1, min(tiles, want, 64))
+    tokens = cdiv(tiles, splits) * block_n
+    return cdiv(span, tokens), tokens
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
+                     sliding_window, k_scales, v_scales) -> torch.Tensor:
+    num_tokens, num_q, head_dim = q.shape
+    page, num_kv = k_cache.shape[1], k_cache.shape[2]
+    group = num_q // num_kv
+    block_n = 64 if q.is_cuda else 16
+    splits, tokens_per_split = _split_plan(q, num_kv, max_seq_len, sliding_window, block_n)
+    part_out = torch.empty(num_tokens, num_q, splits, head_dim, dtype=torch.float32,
+                           device=q.device)
+    part_lse = torch.empty(num_tokens, num_q, splits, dtype=torch.float32, device=q.device)
+    quant = k_cache.dtype == torch.int8
+    ks = k_scales if quant else k_cache
+    vs = v_scales if quant else v_cache
+    d_pad = max(16, next_pow2(head_dim))
+    _decode_split_kernel[(num_tokens, num_kv, splits)](
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_out, part_lse,
+        scale * math.log2(math.e), sliding_window or 0, tokens_per_split,
+        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1), head_dim,
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad, BLOCK_N=block_n,
+        PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
+        num_warps=4, num_stages=2)
+    out = torch.empty_like(q)
+    _decode_reduce_kernel[(num_tokens, num_q)](
+        part_out, part_lse, out, splits, part_out.stride(0), part_out.stride(1),
+        part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0),
+        out.stride(1), head_dim, SPLITS_PAD=next_pow2(splits), D_PAD=d_pad, num_warps=4)
+    return out

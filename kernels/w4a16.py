@@ -1,0 +1,247 @@
+"""W4A16 matmul over AutoAWQ "GEMM"-packed weights, dequantized inside the kernel.
+
+Layout (as AutoAWQ writes it, and public AWQ checkpoints ship it):
+``qweight`` int32 [K, N/8], ``qzeros`` int32 [K/G, N/8], ``scales`` [K/G, N];
+nibble i of packed column c is output column ``c*8 + (0,2,4,6,1,3,5,7)[i]``
+and ``w = (q - z) * s``. No repacking is needed.
+
+Two Triton paths: a split-K GEMV for one row (batch-1 decode is bound by
+reading 0.5 byte per weight, so the kernel does little more than stream the
+packed words), and a tensor-core GEMM for larger M that dequantizes each
+nibble's columns to the activation dtype and multiplies them separately. When
+K is split, float32 partial sums are added up in a fixed order by a small
+kernel (deterministic results).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._dispatch import HAS_TRITON, cdiv, num_sms, use_triton
+from .reference import awq_dequantize
+
+__all__ = ["w4a16_gemm", "awq_dequantize"]
+
+# Rows up to this many use the GEMV kernel; more use the tensor-core GEMM. 0 for now:
+# on an H200 the GEMM path measured faster even at M=1 (29.8 vs 31.2 us at
+# K=4096, N=14336; 27.2 vs 39.0 us at K=14336, N=4096). scripts/bench_kernels.py
+# times both paths; raise this when the GEMV wins.
+GEMV_MAX_M = 0
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _nibble_group_dot(packed, zeros, x, x_sum, s_row_ptr, cp, cmask, NIBBLE: tl.constexpr):
+        """s * sum_k x_k * (q_k - z) for the output columns held by one nibble.
+
+        Placing the nibble in the top mantissa bits of 1.0 gives f = 1 + q/16
+        with two integer ops (no int->float conversion); the 1 and the zero
+        point are removed once per group through ``x_sum``.
+        """
+        if NIBBLE < 5:
+            bits = packed << (19 - 4 * NIBBLE)
+        else:
+            bits = packed >> (4 * NIBBLE - 19)
+        f = ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        dot = tl.sum(x[:, None] * f, axis=0)
+        z = ((zeros >> (4 * NIBBLE)) & 0xF).to(tl.float32)
+        col = cp * 8 + ((NIBBLE % 4) * 2 + NIBBLE // 4)
+        s = tl.load(s_row_ptr + col, mask=cmask, other=0.0).to(tl.float32)
+        return s * (16.0 * dot - (16.0 + z) * x_sum)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, n_packed, groups_per_split,
+                     num_groups, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm,
+                     GROUP: tl.constexpr, BLOCK_NP: tl.constexpr):
+        m = tl.program_id(0).to(tl.int64)
+        cp = tl.program_id(1) * BLOCK_NP + tl.arange(0, BLOCK_NP)
+        split = tl.program_id(2)
+        cmask = cp < n_packed
+        rows = tl.arange(0, GROUP)
+        a0 = tl.zeros([BLOCK_NP], tl.float32)
+        a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+        g_begin = split * groups_per_split
+        g_end = tl.minimum(g_begin + groups_per_split, num_groups)
+        for g in range(g_begin, g_end):
+            k = (g * GROUP + rows).to(tl.int64)
+            x = tl.load(x_ptr + m * s_xm + k).to(tl.float32)
+            p = tl.load(qw_ptr + k[:, None] * s_qk + cp[None, :], mask=cmask[None, :], other=0)
+            zq = tl.load(z_ptr + g * s_zk + cp, mask=cmask, other=0)
+            xs = tl.sum(x, axis=0)
+            srow = s_ptr + g * s_sk
+            d0 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 0)
+            d1 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 1)
+            d2 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 2)
+            d3 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 3)
+            d4 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 4)
+            d5 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 5)
+            d6 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 6)
+            d7 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 7)
+            a0, a1, a2, a3 = a0 + d0, a1 + d1, a2 + d2, a3 + d3
+            a4, a5, a6, a7 = a4 + d4, a5 + d5, a6 + d6, a7 + d7
+        out = part_ptr + split * s_ps + m * s_pm + cp * 8
+        dt = part_ptr.dtype.element_ty
+        tl.store(out + 0, a0.to(dt), mask=cmask)
+        tl.store(out + 2, a1.to(dt), mask=cmask)
+        tl.store(out + 4, a2.to(dt), mask=cmask)
+        tl.store(out + 6, a3.to(dt), mask=cmask)
+        tl.store(out + 1, a4.to(dt), mask=cmask)
+        tl.store(out + 3, a5.to(dt), mask=cmask)
+        tl.store(out + 5, a6.to(dt), mask=cmask)
+        tl.store(out + 7, a7.to(dt), mask=cmask)
+
+    @triton.jit
+    def _nibble_mma(acc, x, packed, zeros, s_row_ptr, cp, cmask, NIBBLE: tl.constexpr):
+        """acc += x @ W_nibble, W_nibble = (q - z) * s for the columns of one nibble.
+
+        ``0x4B000000 | q`` is the float 2^23 + q, so the difference is exactly q - z
+        without an int->float conversion. Working per nibble keeps the packed
+        words in place (no interleaving into a [K, N] tile).
+        """
+        q = ((packed >> (4 * NIBBLE)) & 0xF) | 0x4B000000
+        z = ((zeros >> (4 * NIBBLE)) & 0xF) | 0x4B000000
+        col = cp * 8 + ((NIBBLE % 4) * 2 + NIBBLE // 4)
+        s = tl.load(s_row_ptr + col, mask=cmask, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32, bitcast=True) - z.to(tl.float32, bitcast=True)[None, :]) * s[None, :]
+        return tl.dot(x, w.to(x.dtype), acc)
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, n_packed, iters_per_split,
+                     num_iters, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm, GROUP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_NP: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cp = tl.program_id(1) * BLOCK_NP + tl.arange(0, BLOCK_NP)
+        split = tl.program_id(2)
+        mmask = offs_m < M
+        cmask = cp < n_packed
+        rk = tl.arange(0, BLOCK_K)
+        a0 = tl.zeros([BLOCK_M, BLOCK_NP], tl.float32)
+        a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+        it_begin = split * iters_per_split
+        it_end = tl.minimum(it_begin + iters_per_split, num_iters)
+        for it in range(it_begin, it_end):
+            k = (it * BLOCK_K + rk).to(tl.int64)
+            g = (it * BLOCK_K) // GROUP
+            x = tl.load(x_ptr + offs_m[:, None] * s_xm + k[None, :], mask=mmask[:, None],
+                        other=0.0)
+            p = tl.load(qw_ptr + k[:, None] * s_qk + cp[None, :], mask=cmask[None, :], other=0)
+            zq = tl.load(z_ptr + g * s_zk + cp, mask=cmask, other=0)
+            srow = s_ptr + g * s_sk
+            a0 = _nibble_mma(a0, x, p, zq, srow, cp, cmask, 0)
+            a1 = _nibble_mma(a1, x, p, zq, srow, cp, cmask, 1)
+            a2 = _nibble_mma(a2, x, p, zq, srow, cp, cmask, 2)
+            a3 = _nibble_mma(a3, x, p, zq, srow, cp, cmask, 3)
+            a4 = _nibble_mma(a4, x, p, zq, srow, cp, cmask, 4)
+            a5 = _nibble_mma(a5, x, p, zq, srow, cp, cmask, 5)
+            a6 = _nibble_mma(a6, x, p, zq, srow, cp, cmask, 6)
+            a7 = _nibble_mma(a7, x, p, zq, srow, cp, cmask, 7)
+        out = part_ptr + split * s_ps + offs_m[:, None] * s_pm + cp[None, :] * 8
+        mask = mmask[:, None] & cmask[None, :]
+        dt = part_ptr.dtype.element_ty
+        tl.store(out + 0, a0.to(dt), mask=mask)
+        tl.store(out + 2, a1.to(dt), mask=mask)
+        tl.store(out + 4, a2.to(dt), mask=mask)
+        tl.store(out + 6, a3.to(dt), mask=mask)
+        tl.store(out + 1, a4.to(dt), mask=mask)
+        tl.store(out + 3, a5.to(dt), mask=mask)
+        tl.store(out + 5, a6.to(dt), mask=mask)
+        tl.store(out + 7, a7.to(dt), mask=mask)
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, out_ptr, splits, numel, s_ps, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in range(0, splits):
+            acc += tl.load(part_ptr + i * s_ps + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(x, qweight, scales, qzeros, group_size):
+    k, n = x.shape[-1], scales.shape[-1]
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"w4a16_gemm: in_features {k} is not a multiple of group_size "
+                         f"{group_size}")
+    expect = {"qweight": (k, n // 8), "scales": (k // group_size, n),
+              "qzeros": (k // group_size, n // 8)}
+    for name, t in (("qweight", qweight), ("scales", scales), ("qzeros", qzeros)):
+        if tuple(t.shape) != expect[name]:
+            raise ValueError(f"w4a16_gemm: {name} has shape {tuple(t.shape)}, expected "
+                             f"{expect[name]} for AutoAWQ GEMM packing (K={k}, N={n}, "
+                             f"group_size={group_size})")
+    if n % 8 or qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError("w4a16_gemm: qweight/qzeros must be int32 with 8 nibbles per word")
+
+
+def _splits(units: int, programs: int, want_programs: int) -> tuple[int, int]:
+    """(num_splits, units_per_split) so that programs * splits reaches want_programs."""
+    want = max(1, min(units, cdiv(want_programs, max(1, programs))))
+    per = cdiv(units, want)
+    return cdiv(units, per), per
+
+
+def _gemv(x, qweight, scales, qzeros, group_size, out):
+    m, n_packed = x.shape[0], qweight.shape[1]
+    block_np = 64 if x.is_cuda else 16
+    n_tiles = cdiv(n_packed, block_np)
+    # many small programs: a K split of one or two groups keeps every SM streaming
+    splits, per = _splits(qweight.shape[0] // group_size, m * n_tiles, 4 * num_sms(x))
+    part = _partials(splits, out)
+    _gemv_kernel[(m, n_tiles, splits)](
+        x, qweight, scales, qzeros, part, n_packed, per, qweight.shape[0] // group_size,
+        x.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0),
+        part.stride(0), part.stride(1), GROUP=group_size, BLOCK_NP=block_np, num_warps=4)
+    return part
+
+
+def _gemm(x, qweight, scales, qzeros, group_size, out):
+    (m, k), n_packed = x.shape, qweight.shape[1]
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_np = 32 if m <= 16 else 16
+    block_k = min(group_size, 128 if x.is_cuda else 32)
+    tiles = cdiv(m, block_m) * cdiv(n_packed, block_np)
+    sms = num_sms(x)
+    # split K only when the output tiles alone leave SMs idle (partials cost traffic)
+    splits, per = (1, k // block_k) if 2 * tiles >= sms else _splits(k // block_k, tiles, 2 * sms)
+    part = _partials(splits, out)
+    _gemm_kernel[(cdiv(m, block_m), cdiv(n_packed, block_np), splits)](
+        x, qweight, scales, qzeros, part, m, n_packed, per, k // block_k, x.stride(0),
+        qweight.stride(0), scales.stride(0), qzeros.stride(0), part.stride(0),
+        part.stride(1), GROUP=group_size, BLOCK_M=block_m, BLOCK_NP=block_np,
+        BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return part
+
+
+def _partials(splits: int, out: torch.Tensor) -> torch.Tensor:
+    """[splits, M, N] float32 partial sums, or ``out`` itself when K is not split."""
+    if splits == 1:
+        return out.unsqueeze(0)
+    return torch.empty(splits, *out.shape, dtype=torch.float32, device=out.device)
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               qzeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x [.., K] @ W [K, N]`` with W given in AutoAWQ GEMM packing; output in x.dtype."""
+    _check(x, qweight, scales, qzeros, group_size)
+    supported = group_size >= 16 and group_size & (group_size - 1) == 0
+    if not use_triton(x) or not supported:
+        return reference.w4a16_gemm(x, qweight, scales, qzeros, group_size)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    qweight, scales, qzeros = qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
+    m, n = x2.shape[0], scales.shape[1]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+
+    path = _gemv if m <= GEMV_MAX_M else _gemm
+    part = path(x2, qweight, scales, qzeros, group_size, out)
+    if part.data_ptr() != out.data_ptr():
+        block = 1024
+        _sum_splits_kernel[(cdiv(m * n, block),)](part, out, part.shape[0], m * n,
+                                                  part.stride(0), BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], n)

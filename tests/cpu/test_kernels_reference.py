@@ -1,0 +1,142 @@
+"""The plain-torch kernel twins against independent float64 / transformers results."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (LlamaRMSNorm, LlamaRotaryEmbedding,
+                                                      apply_rotary_pos_emb)
+
+from tpserve.kernels import reference as ref
+from tpserve.kernels.testing import make_paged_problem, pack_awq, random_awq
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_llama_rmsnorm(dtype):
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    norm.weight.data = torch.randn(48)
+    norm = norm.to(dtype)
+    x, res = torch.randn(5, 48, dtype=dtype), torch.randn(5, 48, dtype=dtype)
+    assert torch.equal(ref.rms_norm(x, norm.weight, 1e-5), norm(x))
+    out, new_res = ref.fused_add_rms_norm(x, res, norm.weight, 1e-5)
+    assert torch.equal(new_res, x + res)
+    assert torch.equal(out, norm(x + res))
+
+
+def test_rotary_matches_transformers():
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rope_theta=500000.0)
+    rope = LlamaRotaryEmbedding(config)
+    positions = torch.tensor([0, 3, 17, 127, 64, 5])
+    q, k = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
+    cos, sin = rope(q, positions[None])
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                          cos, sin)
+    cache = ref.build_cos_sin_cache(rope.inv_freq, 128, rope.attention_scaling)
+    got_q, got_k = ref.apply_rotary(q, k, positions, cache)
+    torch.testing.assert_close(got_q, want_q[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, want_k[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_cos_sin_cache_applies_attention_scaling():
+    inv = torch.tensor([1.0, 0.1])
+    cache = ref.build_cos_sin_cache(inv, 4, attention_scaling=2.0)
+    pos = torch.arange(4, dtype=torch.float64)[:, None] * inv.double()
+    want = torch.cat([pos.cos(), pos.sin()], -1) * 2.0
+    torch.testing.assert_close(cache.double(), want, atol=1e-6, rtol=0)
+
+
+def test_silu_and_mul_float64():
+    x = torch.randn(3, 10, dtype=torch.float64)
+    gate, up = x[:, :5], x[:, 5:]
+    want = gate / (1 + torch.exp(-gate)) * up
+    torch.testing.assert_close(ref.silu_and_mul(x.float()).double(), want, atol=1e-6, rtol=0)
+
+
+def _dense_attention(p, scale, window):
+    """Float64 attention over each request's K/V read back densely from the cache."""
+    outs = []
+    nq, nkv = p.q.shape[1], p.k_cache.shape[2]
+    for b in range(len(p.seq_lens)):
+        s, lo, hi = int(p.seq_lens[b]), int(p.query_start_loc[b]), int(p.query_start_loc[b + 1])
+        k = ref.gather_kv(p.k_cache, p.k_scales, p.block_tables[b], s).double()
+        v = ref.gather_kv(p.v_cache, p.v_scales, p.block_tables[b], s).double()
+        for i in range(hi - lo):
+            pos = s - (hi - lo) + i
+            keys = [j for j in range(s) if j <= pos and (window is None or j > pos - window)]
+            for h in range(nq):
+                kv = h // (nq // nkv)
+                logits = torch.stack([p.q[lo + i, h].double() @ k[j, kv] for j in keys]) * scale
+                w = torch.softmax(logits, 0)
+                outs.append(((lo + i, h), (w[:, None] * v[keys, kv]).sum(0)))
+    return outs
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("int8", [False, True])
+def test_paged_attention_matches_dense_float64(window, int8):
+    p = make_paged_problem([19, 9, 4], [6, 1, 4], 4, 2, 8, 4, dtype=torch.float32, int8=int8)
+    ref.store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping,
+                       p.k_scales, p.v_scales)
+    scale = 8 ** -0.5
+    got = ref.paged_attention(*p.attention_args(), scale, window, p.k_scales, p.v_scales)
+    for (t, h), want in _dense_attention(p, scale, window):
+        torch.testing.assert_close(got[t, h].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_store_kv_cache_skips_padding_and_writes_slots():
+    p = make_paged_problem([5], [5], 2, 2, 4, 4, dtype=torch.float32)
+    p.slot_mapping[2] = -1
+    ref.store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping)
+    flat = p.k_cache.view(-1, 2, 4)
+    for t, slot in enumerate(p.slot_mapping.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat[slot], p.k_new[t])
+    table = p.block_tables[0].long()
+    skipped = table[0] * 4 + 2
+    assert torch.equal(flat[skipped], torch.zeros(2, 4))
+
+
+def test_int8_online_quantization_error_is_half_a_step():
+    x = torch.randn(50, 3, 16) * 3 + 1
+    q, scale, zp = ref.quantize_per_token(x, torch.float32)
+    back = q.float() * scale[..., None] + zp[..., None]
+    assert ((back - x).abs() <= scale[..., None] * 0.5001 + 1e-6).all()
+    hi, lo = x.amax(-1), x.amin(-1)
+    torch.testing.assert_close(scale, (hi - lo) / 255)
+    torch.testing.assert_close(zp, (hi + lo) / 2)
+
+
+def test_int8_static_params_use_lmdeploy_formula():
+    p = make_paged_problem([3], [3], 2, 1, 4, 4, dtype=torch.float32, int8=True)
+    params = (0.05, 0.2, 0.01, -0.1)
+    ref.store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping,
+                       p.k_scales, p.v_scales, params)
+    slots = p.slot_mapping
+    want = torch.clamp(torch.round((p.k_new.double() - 0.2) / 0.05), -128, 127)
+    assert (p.k_cache.view(-1, 1, 4)[slots].double() - want).abs().max() <= 1
+    torch.testing.assert_close(p.v_scales.view(-1, 1, 2)[slots][..., 0],
+                               torch.full((3, 1), 0.01))
+    torch.testing.assert_close(p.v_scales.view(-1, 1, 2)[slots][..., 1],
+                               torch.full((3, 1), -0.1))
+
+
+def test_awq_packing_order_by_hand():
+    # output column j of the first packed word holds value j+1
+    word = sum((order + 1) << (4 * i) for i, order in enumerate((0, 2, 4, 6, 1, 3, 5, 7)))
+    assert word == 0x86427531
+    packed = pack_awq(torch.arange(1, 9)[None])
+    assert packed.item() == word - 2**32
+    assert ref.unpack_awq(packed).tolist() == [list(range(1, 9))]
+
+
+def test_awq_dequantize_and_gemm_float64():
+    k, n, g = 64, 24, 16
+    qweight, scales, qzeros = random_awq(k, n, g, dtype=torch.float32, seed=3)
+    q, z = ref.unpack_awq(qweight).double(), ref.unpack_awq(qzeros).double()
+    w = torch.empty(k, n, dtype=torch.float64)
+    for row in range(k):
+        w[row] = (q[row] - z[row // g]) * scales[row // g].double()
+    torch.testing.assert_close(ref.awq_dequantize(qweight, scales, qzeros, g).double(), w)
+    x = torch.randn(3, k)
+    torch.testing.assert_close(ref.w4a16_gemm(x, qweight, scales, qzeros, g).double(),
+                               x.double() @ w, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,140 @@
+"""Triton kernels (through Triton's CPU interpreter) against their torch twins.
+
+The interpreter must be switched on before Triton is imported, so each kernel
+group runs this file as a script in a fresh subprocess with
+TRITON_INTERPRET=1 and TPSERVE_FORCE_TRITON=1; the test checks its exit code.
+Shapes are tiny and awkward: odd token counts, GQA ratios 1/2/4, contexts that
+end mid-block, cached prefixes, sliding windows, int8 KV, several AWQ groups.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+GROUPS = ["elementwise", "kv_cache", "decode", "prefill", "w4a16"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_triton_kernel_matches_reference(group):
+    env = dict(os.environ, TRITON_INTERPRET="1", TPSERVE_FORCE_TRITON="1")
+    proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "checked" in proc.stdout
+
+
+def _close(name, got, want, atol, rtol=0.0):
+    err = (got.float() - want.float()).abs()
+    bound = atol + rtol * want.float().abs()
+    if not bool((err <= bound).all()):
+        raise AssertionError(f"{name}: max abs error {err.max().item():.3g} exceeds tolerance")
+
+
+def _elementwise(torch, kernels, ref):
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        x = torch.randn(7, 40, generator=gen).to(dtype)
+        res = torch.randn(7, 40, generator=gen).to(dtype)
+        w = torch.randn(40, generator=gen).to(dtype)
+        _close("rms_norm", kernels.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), tol)
+        got, want = kernels.fused_add_rms_norm(x, res, w, 1e-6), ref.fused_add_rms_norm(x, res, w, 1e-6)
+        _close("fused_add_rms_norm", got[0], want[0], tol)
+        _close("fused_add_rms_norm residual", got[1], want[1], 0.0)
+        g = torch.randn(5, 2 * 37, generator=gen).to(dtype)
+        _close("silu_and_mul", kernels.silu_and_mul(g), ref.silu_and_mul(g), tol)
+        for head_dim, nq, nkv in ((32, 4, 4), (16, 6, 3), (24, 8, 2)):
+            inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+            cache = kernels.build_cos_sin_cache(inv, 50, 1.1)
+            q = torch.randn(9, nq, head_dim, generator=gen).to(dtype)
+            k = torch.randn(9, nkv, head_dim, generator=gen).to(dtype)
+            pos = torch.randint(0, 50, (9,), generator=gen)
+            for a, b in zip(kernels.apply_rotary(q, k, pos, cache),
+                            ref.apply_rotary(q, k, pos, cache)):
+                _close("apply_rotary", a, b, tol)
+
+
+def _store_both(torch, kernels, ref, p, static):
+    caches = []
+    for store in (kernels.store_kv_cache, ref.store_kv_cache):
+        kc, vc = p.k_cache.clone(), p.v_cache.clone()
+        ks = None if p.k_scales is None else p.k_scales.clone()
+        vs = None if p.v_scales is None else p.v_scales.clone()
+        store(p.k_new, p.v_new, kc, vc, p.slot_mapping, ks, vs, static)
+        caches.append((kc, vc, ks, vs))
+    return caches
+
+
+def _kv_cache(torch, kernels, ref):
+    from tpserve.kernels.testing import make_paged_problem
+    for int8, static in ((False, None), (True, None), (True, (0.02, 0.1, 0.015, -0.05))):
+        p = make_paged_problem([21, 5, 33], [21, 2, 17], 4, 2, 32, 16, int8=int8, seed=1)
+        p.slot_mapping[3] = -1  # a padded token is skipped
+        got, want = _store_both(torch, kernels, ref, p, static)
+        for a, b in zip(got, want):
+            if a is None:
+                continue
+            if a.dtype == torch.int8:  # rounding ties may land one step apart
+                assert (a.int() - b.int()).abs().max() <= 1
+                assert (a != b).float().mean() < 0.01
+            else:
+                _close("store_kv_cache", a, b, 1e-6)
+
+
+ATTN_CASES = [  # seq_lens, query_lens, nq, nkv, head_dim, window
+    ([37, 1, 50], [1, 1, 1], 8, 2, 32, None),
+    ([16, 33, 5], [1, 1, 1], 4, 4, 16, None),
+    ([70, 9], [1, 1], 8, 2, 32, 20),
+    ([1, 64, 31], [1, 1, 1], 4, 1, 32, None),
+]
+PREFILL_CASES = [
+    ([23, 40, 1], [23, 17, 1], 8, 2, 32, None),   # fresh prompt, cached prefix + chunk, decode
+    ([50, 16], [50, 3], 4, 4, 16, None),
+    ([45, 30], [30, 30], 8, 2, 32, 12),
+    ([33, 20], [5, 20], 4, 1, 24, None),
+]
+
+
+def _attention(torch, kernels, ref, cases):
+    from tpserve.kernels.testing import make_paged_problem
+    for i, (seqs, qlens, nq, nkv, d, window) in enumerate(cases):
+        for int8 in (False, True):
+            p = make_paged_problem(seqs, qlens, nq, nkv, d, 16, int8=int8, seed=i)
+            ref.store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping,
+                               p.k_scales, p.v_scales)
+            args = p.attention_args() + (d ** -0.5, window, p.k_scales, p.v_scales)
+            _close(f"paged_attention case {i} int8={int8}", kernels.paged_attention(*args),
+                   ref.paged_attention(*args), 2e-3, 1e-2)
+
+
+def _w4a16(torch, kernels, ref):
+    from tpserve.kernels import w4a16
+    from tpserve.kernels.testing import random_awq
+    for k, n, g in ((96, 48, 32), (64, 40, 16), (32, 528, 16)):
+        qweight, scales, qzeros = random_awq(k, n, g, seed=k)
+        for m, gemv_max_m in ((1, 1), (1, 0), (5, 1)):  # GEMV and GEMM paths
+            w4a16.GEMV_MAX_M = gemv_max_m
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
+            want = ref.w4a16_gemm(x, qweight, scales, qzeros, g)
+            got = kernels.w4a16_gemm(x, qweight, scales, qzeros, g)
+            _close(f"w4a16_gemm m={m} k={k}", got, want, 2e-3, 2e-3)
+
+
+def _main(group):
+    import torch
+
+    import tpserve.kernels as kernels
+    from tpserve.kernels import reference as ref
+    run = {"elementwise": _elementwise, "kv_cache": _kv_cache, "w4a16": _w4a16,
+           "decode": lambda *a: _attention(*a, ATTN_CASES),
+           "prefill": lambda *a: _attention(*a, PREFILL_CASES)}[group]
+    torch.manual_seed(0)
+    run(torch, kernels, ref)
+    print("checked", group)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

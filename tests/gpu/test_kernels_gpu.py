@@ -1,0 +1,85 @@
+"""Triton kernels on CUDA against their torch twins at Llama-3-8B shapes (bf16)."""
+
+import pytest
+import torch
+
+import tpserve.kernels as kernels
+from tpserve.kernels import reference as ref
+from tpserve.kernels.testing import make_paged_problem, random_awq
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+NQ, NKV, D, BLOCK, HIDDEN, INTER = 32, 8, 128, 64, 4096, 14336
+BF16 = dict(dtype=torch.bfloat16, device="cuda")
+
+
+def _close(got, want, atol, rtol):
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+def test_norms_activation_rotary():
+    x, res = torch.randn(37, HIDDEN, **BF16), torch.randn(37, HIDDEN, **BF16)
+    w = torch.randn(HIDDEN, **BF16)
+    _close(kernels.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), 2e-2, 1e-2)
+    got, want = kernels.fused_add_rms_norm(x, res, w, 1e-5), ref.fused_add_rms_norm(x, res, w, 1e-5)
+    _close(got[0], want[0], 2e-2, 1e-2)
+    assert torch.equal(got[1], want[1])
+    g = torch.randn(37, 2 * INTER, **BF16)
+    _close(kernels.silu_and_mul(g), ref.silu_and_mul(g), 1e-2, 1e-2)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    cache = kernels.build_cos_sin_cache(inv, 8192)
+    qkv = torch.randn(37, (NQ + 2 * NKV) * D, **BF16)  # q and k as strided views of qkv
+    q = qkv[:, :NQ * D].view(37, NQ, D)
+    k = qkv[:, NQ * D:(NQ + NKV) * D].view(37, NKV, D)
+    pos = torch.randint(0, 8192, (37,), device="cuda")
+    for a, b in zip(kernels.apply_rotary(q, k, pos, cache), ref.apply_rotary(q, k, pos, cache)):
+        _close(a, b, 2e-2, 1e-2)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_store_kv_cache(int8):
+    p = make_paged_problem([300, 4100], [300, 129], NQ, NKV, D, BLOCK, int8=int8, **BF16)
+    p.slot_mapping[5] = -1
+    caches = []
+    for store in (kernels.store_kv_cache, ref.store_kv_cache):
+        kc, vc = p.k_cache.clone(), p.v_cache.clone()
+        ks = vs = None
+        if int8:
+            ks, vs = p.k_scales.clone(), p.v_scales.clone()
+        store(p.k_new, p.v_new, kc, vc, p.slot_mapping, ks, vs)
+        caches.append((kc, vc, ks, vs))
+    for a, b in zip(*caches):
+        if a is not None and a.dtype == torch.int8:
+            assert (a.int() - b.int()).abs().max() <= 1
+        elif a is not None:
+            _close(a, b, 1e-6, 0)
+
+
+ATTENTION = [  # seq_lens, query_lens, window
+    ([4097, 1, 130, 2000, 64], [1, 1, 1, 1, 1], None),
+    ([4500, 33, 700], [1, 1, 1], 1024),
+    ([600, 4100, 77], [600, 300, 1], None),
+    ([2500, 1200], [700, 1200], 512),
+]
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("case", range(len(ATTENTION)))
+def test_paged_attention(case, int8):
+    seqs, qlens, window = ATTENTION[case]
+    p = make_paged_problem(seqs, qlens, NQ, NKV, D, BLOCK, int8=int8, seed=case, **BF16)
+    kernels.store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping,
+                           p.k_scales, p.v_scales)
+    args = p.attention_args() + (D ** -0.5, window, p.k_scales, p.v_scales)
+    _close(kernels.paged_attention(*args), ref.paged_attention(*args), 1e-2, 2e-2)
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 64])
+@pytest.mark.parametrize("k,n", [(4096, 14336), (14336, 4096)])
+def test_w4a16_gemm(k, n, m):
+    qweight, scales, qzeros = random_awq(k, n, 128, **BF16)
+    x = torch.randn(m, k, **BF16)
+    want = ref.w4a16_gemm(x, qweight, scales, qzeros, 128)
+    got = kernels.w4a16_gemm(x, qweight, scales, qzeros, 128)
+    _close(got, want, 1e-2 * want.float().abs().max().item(), 1e-2)
