@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -171,10 +172,17 @@ def cached_workspace(model_path: str | os.PathLike, tp: int, model_name: str | N
     hf = read_hf_config(src)
     fmt = "awq" if (hf.get("quantization_config") or {}).get("quant_method") == "awq" else "hf"
     stamp = max((f.stat().st_mtime_ns for f in src.iterdir()), default=0)
-    key = hashlib.sha256(f"{src.resolve()}|{stamp}|{tp}|{model_name}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{src.resolve()}|{stamp}|{tp}|{model_name}|v1".encode()).hexdigest()[:16]
     root = Path(os.environ.get("TPSERVE_CACHE", Path.home() / ".cache" / "tpserve"))
     dst = root / "workspaces" / f"{src.name}-{key}"
     if not (dst / "tpserve_config.json").is_file():
-        name = model_name or family_for(hf).default_template
+        name = model_name or ("auto" if _has_chat_template(src) else family_for(hf).default_template)
         convert(name, src, dst, tp=tp, model_format=fmt, progress=False)
     return dst
+
+
+def _has_chat_template(src: Path) -> bool:
+    config = src / "tokenizer_config.json"
+    if (src / "chat_template.jinja").is_file() or (src / "chat_template.json").is_file():
+        return True
+    return config.is_file() and "chat_template" in json.loads(config.read_text())
