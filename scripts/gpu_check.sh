@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One GPU session's work: GPU tests, then the kernel, latency and throughput
+# benchmarks on the Llama-3-8B shape; a short table of each is printed last.
+# Logs go to $OUT (or ./gpu_logs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_logs}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+python3 -c "import tpserve.engine" 2>/dev/null ||
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -m pytest tests/gpu -q -x 2>&1 | tee "$out/gpu_tests.log" | tail -3
+python3 scripts/bench_kernels.py 2>&1 | tee "$out/bench_kernels.log" | tail -25
+python3 scripts/bench_latency.py --shape llama3-8b --batch 1 8 --out-len 128 \
+  --json "$out/latency.json" 2>&1 | tee "$out/bench_latency.log" | tail -8
+python3 scripts/bench_throughput.py --shape llama3-8b --num-prompts 256 --hf-prompts 32 \
+  --json "$out/throughput.json" 2>&1 | tee "$out/bench_throughput.log" | tail -5
