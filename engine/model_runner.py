@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..parallel.comm import LocalGroup, TPGroup
+from ..parallel.process_group import min_over_ranks
 from .config import EngineConfig, WorkspaceMeta
 from .errors import ConfigError
 from .forward_batch import ForwardBatch
@@ -54,7 +55,8 @@ class ModelRunner:
         static = load_kv_qparams(workspace, rank, cfg.num_layers) if config.kv_int8 else None
         per_block = KVCache.bytes_per_block(cfg.num_layers, self.block_size, kv_heads, cfg.head_dim,
                                             self.dtype, config.kv_int8)
-        self.num_blocks = self._count_blocks(per_block)
+        # ranks may see different free memory; all must allocate the same number of blocks
+        self.num_blocks = min_over_ranks(group, self._count_blocks(per_block), self.device)
         self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, kv_heads,
                                          cfg.head_dim, self.dtype, self.device, config.kv_int8,
                                          static)

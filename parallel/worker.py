@@ -1,0 +1,92 @@
+"""One tensor-parallel rank in its own process (a Ray actor): its group and its runner.
+
+Rank 0 is driven by the executor (`execute`, one Ray call a step) and
+broadcasts each step's batch to the other ranks over the gloo control group;
+ranks 1.. sit in `serve` (`while batch := recv(): runner.execute(batch)`), so a
+step costs one Ray call whatever the tp, and nothing goes through Ray's object
+store except rank 0's logits. The alternative, `ray.put` once and call every
+rank with that ObjectRef, was 1-2 ms a step slower for a tiny Llama at tp=2 on
+CPU (scripts/bench_tp.py) and puts tp Ray calls on every step.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Protocol
+
+import ray
+import torch
+
+from .comm import TPGroup
+from .process_group import BatchChannel, init_tp_group, open_store, set_worker_env
+
+
+class Runner(Protocol):
+    """What the factory builds on each rank (the engine's ModelRunner)."""
+
+    block_size: int
+    num_blocks: int
+    vocab_size: int
+
+    def execute(self, batch) -> torch.Tensor: ...
+
+
+RunnerFactory = Callable[[int, TPGroup], Runner]
+
+
+class TPWorker:
+    """Wrapped by `ray.remote` in the executor: one actor per rank (one GPU or one CPU)."""
+
+    def __init__(self, rank: int, world_size: int, use_gpu: bool) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.use_gpu = use_gpu
+        set_worker_env()
+        if use_gpu:  # before CUDA starts in this process
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(int(i)) for i in ray.get_gpu_ids())
+        self._store = None
+        self.channel: BatchChannel | None = None
+        self.runner: Runner | None = None
+
+    def open_rendezvous(self, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: binds the rendezvous store to a free port; returns (address, port)."""
+        self._store = open_store(self.world_size, timeout_s)
+        return ray.util.get_node_ip_address(), self._store.port
+
+    def setup(self, master_addr: str, master_port: int, runner_factory: RunnerFactory,
+              timeout_s: float) -> dict[str, int]:
+        """Joins the group, builds the runner; returns its block and vocab sizes."""
+        device, backend = None, "gloo"
+        if self.use_gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"rank {self.rank} was given a GPU by Ray but CUDA sees none "
+                                   f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+            torch.cuda.set_device(0)
+            device, backend = torch.device("cuda", 0), "nccl"
+        group = init_tp_group(self.rank, self.world_size, master_addr, master_port, backend,
+                              device, timeout_s, self._store)
+        self.channel = BatchChannel()
+        self.runner = runner_factory(self.rank, group)
+        return {"num_blocks": self.runner.num_blocks, "block_size": self.runner.block_size,
+                "vocab_size": self.runner.vocab_size}
+
+    def step(self, batch) -> torch.Tensor | None:
+        """Runs one batch on this rank; rank 0 returns the logits on the CPU."""
+        logits = self.runner.execute(batch)
+        return logits.cpu() if self.rank == 0 else None
+
+    def execute(self, batch) -> torch.Tensor:
+        """Rank 0: hands the batch to the other ranks, then runs it with them."""
+        self.channel.send(batch)
+        return self.step(batch)
+
+    def serve(self) -> int:
+        """Ranks 1..: runs every batch rank 0 sends until it says stop; returns the step count."""
+        steps = 0
+        while (batch := self.channel.recv()) is not None:
+            self.step(batch)
+            steps += 1
+        return steps
+
+    def stop(self) -> None:
+        """Rank 0: ends the other ranks' `serve` loops."""
+        self.channel.stop()

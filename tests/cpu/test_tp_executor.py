@@ -1,0 +1,157 @@
+"""Tensor parallelism over gloo with Ray actors: tp=2 (and tp=4) logits and greedy
+tokens equal tp=1's and transformers'; a killed rank fails the next step fast."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+
+import pytest
+import ray
+import torch
+from conftest import ENGINE_OPTIONS
+
+from tpserve.engine.config import EngineConfig
+from tpserve.engine.forward_batch import ForwardBatch
+from tpserve.engine.model_runner import ModelRunner
+from tpserve.engine.workspace import read_meta
+from tpserve.parallel.executor import ExecutorDeadError, PlacementError, RayExecutor
+
+PROMPTS = [[0, 5, 9, 22, 7, 3, 41, 17, 250], [0, 4, 88], [0, 130, 12, 61, 200]]
+STEPS = 16
+CONFIG = EngineConfig(**ENGINE_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    started = False
+    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 6:
+        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, include_dashboard=False)  # tp=2 kept alive + tp=4
+        started = True
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llama_llm(ray_cluster, tiny_workspace):
+    """LLM over the tiny llama at tp=2 (2 KV heads: one per rank); its executor is a RayExecutor.
+    Module-scoped: rank processes take seconds to start, and the last test kills one."""
+    from tpserve.engine.llm import LLM
+
+    llm = LLM(tiny_workspace("llama", 2), tp=2, **ENGINE_OPTIONS)
+    yield llm
+    llm.shutdown()
+
+
+def executor(workspace, tp: int, **kwargs) -> RayExecutor:
+    factory = functools.partial(ModelRunner, workspace, read_meta(workspace), CONFIG)
+    return RayExecutor(tp, factory, device="cpu", **kwargs)
+
+
+def greedy(runner, prompts=PROMPTS, steps=STEPS) -> tuple[torch.Tensor, list[list[int]]]:
+    """Prefill logits and `steps` greedy tokens per prompt, driving ForwardBatches directly."""
+    bs = runner.block_size
+    per_seq = math.ceil((max(map(len, prompts)) + steps) / bs)
+    tables = [[b * per_seq + i for i in range(per_seq)] for b in range(len(prompts))]
+    logits = runner.execute(ForwardBatch.build(prompts, [0] * len(prompts), tables, bs))
+    prefill, tokens = logits.clone(), [[] for _ in prompts]
+    for step in range(steps):
+        nxt = logits.argmax(-1).tolist()
+        for out, t in zip(tokens, nxt):
+            out.append(t)
+        context = [len(p) + step for p in prompts]
+        logits = runner.execute(ForwardBatch.build([[t] for t in nxt], context, tables, bs))
+    return prefill, tokens
+
+
+@torch.no_grad()
+def hf_greedy(model, prompts=PROMPTS, steps=STEPS) -> tuple[torch.Tensor, list[list[int]]]:
+    last, tokens = [], []
+    for prompt in prompts:
+        ids = list(prompt)
+        for step in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            if step == 0:
+                last.append(logits)
+            ids.append(int(logits.argmax()))
+        tokens.append(ids[len(prompt):])
+    return torch.stack(last), tokens
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    torch.testing.assert_close(actual, expected.float(), rtol=rtol,
+                               atol=rtol * float(expected.abs().max()))
+
+
+def check_family(family: str, runner, tiny_workspace, tiny_hf) -> list[list[int]]:
+    logits, tokens = greedy(runner)
+    ref_logits, ref_tokens = greedy(ModelRunner(tiny_workspace(family, 1),
+                                                read_meta(tiny_workspace(family, 1)), CONFIG))
+    assert runner.vocab_size == ref_logits.shape[-1]
+    assert_logits_close(logits, ref_logits, rtol=1e-5)
+    assert tokens == ref_tokens
+    hf_logits, hf_tokens = hf_greedy(tiny_hf(family)[1])
+    assert_logits_close(logits, hf_logits, rtol=1e-4)
+    assert tokens == hf_tokens
+    return tokens
+
+
+def test_llama_tp2_matches_tp1_and_transformers(llama_llm, tiny_workspace, tiny_hf):
+    ex = llama_llm.executor
+    assert isinstance(ex, RayExecutor) and ex.tp == 2
+    assert ex.num_blocks == ENGINE_OPTIONS["cache_max_entry_count"]
+    check_family("llama", ex, tiny_workspace, tiny_hf)
+
+
+def test_llm_generate_tp2_greedy_equals_direct_decoding(llama_llm, tiny_workspace, tiny_hf):
+    from tpserve.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
+    outs = llama_llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == hf_greedy(tiny_hf("llama")[1])[1]
+
+
+def test_qwen2_tp2_in_the_callers_placement_group(ray_cluster, tiny_workspace, tiny_hf):
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    pg = placement_group([{"CPU": 1}] * 2, strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=60)
+    ex = executor(tiny_workspace("qwen2", 2), 2, placement_group=pg)
+    try:
+        check_family("qwen2", ex, tiny_workspace, tiny_hf)
+    finally:
+        ex.shutdown()
+    assert placement_group_table(pg)["state"] == "CREATED"  # the caller's: left in place
+    ray.util.remove_placement_group(pg)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 4,
+                    reason="4 rank processes take ~30 s to start on fewer than 4 cores")
+def test_llama_tp4_replicates_kv_heads(ray_cluster, tiny_workspace, tiny_hf):
+    ex = executor(tiny_workspace("llama", 4), 4)
+    try:
+        check_family("llama", ex, tiny_workspace, tiny_hf)
+    finally:
+        ex.shutdown()
+
+
+def test_placement_error_names_resources(ray_cluster):
+    with pytest.raises(PlacementError, match=r"16 x \{'CPU': 1\}.*available"):
+        RayExecutor(16, lambda rank, group: None, device="cpu", placement_timeout_s=1)
+
+
+def test_killed_rank_fails_the_next_step_fast(llama_llm):
+    ex = llama_llm.executor
+    ex.check_health()
+    ray.kill(ex.workers[1], no_restart=True)
+    start = time.monotonic()
+    with pytest.raises(ExecutorDeadError, match="rank"):
+        ex.execute(ForwardBatch.build([[0, 5, 9]], [0], [[0]], ex.block_size))
+    assert time.monotonic() - start < 30
+    with pytest.raises(ExecutorDeadError):
+        ex.check_health()
