@@ -73,3 +73,19 @@ def load_kv_qparams(workspace: Path, rank: int,
         except (SafetensorError, KeyError) as exc:
             raise ModelFormatError(f"{file} is incomplete ({exc}); run `tpserve lite kv_qparams` "
                                    f"again") from None
+
+
+def write_kv_qparams(workspace: Path, params: dict[tuple[int, int], torch.Tensor]) -> None:
+    """Saves {(layer, rank): (k_scale, k_zp, v_scale, v_zp)} into each rank's folder."""
+    from safetensors.torch import save_file
+
+    from .workspace import read_meta
+
+    meta = read_meta(workspace)
+    for rank in range(meta.tp):
+        tensors = {f"layers.{layer}.past_kv_scale": params[(layer, rank)].float().contiguous()
+                   for layer in range(meta.model.num_layers)}
+        folder = rank_dir(workspace, rank)
+        tmp = folder / f".{KV_QPARAMS_FILE}.tmp"
+        save_file(tensors, tmp)
+        tmp.replace(folder / KV_QPARAMS_FILE)
