@@ -2,6 +2,8 @@
 workspace and as a transformers model), and the copy bandwidth of the card."""
 from __future__ import annotations
 
+import argparse
+import gc
 import time
 from pathlib import Path
 
@@ -80,9 +82,19 @@ def hf_model(cfg: ModelConfig, dtype=torch.bfloat16):
                      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
                      max_position_embeddings=8192, rope_theta=cfg.rope_theta,
                      attention_bias=cfg.qkv_bias, torch_dtype=dtype)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(hf).to(dtype).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype directly: no float32 copy of 8B weights
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(hf).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(previous)
     return model
+
+
+def kv_bytes(cfg: ModelConfig, tokens: int, bytes_per_value: float = 2.0) -> float:
+    """Bytes of K and V read by one decode step over `tokens` cached tokens in all."""
+    return 2 * cfg.num_layers * cfg.kv_size * bytes_per_value * tokens
 
 
 def weight_bytes(cfg: ModelConfig, bytes_per_weight: float = 2.0) -> float:
@@ -109,3 +121,26 @@ def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
 
 def card() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def free_gpu_memory() -> None:
+    """Drops what a shut-down engine left behind, so the next model fits."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    """Writes one random workspace, to be shared by several benchmarks (--workspace)."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("dst")
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None)
+    args = p.parse_args()
+    start = time.perf_counter()
+    random_workspace(model_config(args.shape, args.layers), Path(args.dst))
+    print(f"random {args.shape} workspace in {args.dst} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import (card, copy_bandwidth, hf_model, model_config,  # noqa: E402
-                          random_workspace, weight_bytes)
+from bench_common import (card, copy_bandwidth, free_gpu_memory, hf_model,  # noqa: E402
+                          kv_bytes, model_config, random_workspace, weight_bytes)
 
 
 def time_tpserve(llm, batch: int, in_len: int, out_len: int) -> tuple[float, float]:
@@ -82,25 +82,26 @@ def main() -> None:
         cfg, Path(tempfile.mkdtemp(prefix="tpserve-bench-")) / "ws")
     bw = copy_bandwidth()
     llm = LLM(ws, cache_max_entry_count=0.5, session_len=4096)
-    time_tpserve(llm, 1, 16, 8)  # warm-up: Triton compiles
+    for b in args.batch:  # warm-up at each measured shape: Triton compiles per specialization
+        time_tpserve(llm, b, args.in_len, 8)
     rows = []
+
+    def step_bytes(b: int) -> float:  # weights + the KV cache at the mean context
+        return weight_bytes(cfg) + kv_bytes(cfg, (args.in_len + args.out_len // 2) * b)
+
     for b in args.batch:
         ttft, step = time_tpserve(llm, b, args.in_len, args.out_len)
-        ctx = args.in_len + args.out_len // 2
-        kv_bytes = 2 * cfg.num_layers * cfg.kv_size * 2 * ctx * b
-        mbu = (weight_bytes(cfg) + kv_bytes) / step / bw
         rows.append(dict(engine="tpserve", batch=b, ttft_ms=ttft * 1e3, tpot_ms=step * 1e3,
-                         tok_s=b / step, mbu=mbu))
+                         tok_s=b / step, mbu=step_bytes(b) / step / bw))
     llm.shutdown()
     del llm
-    torch.cuda.empty_cache()
+    free_gpu_memory()
     if not args.no_baseline:
         model = hf_model(cfg)
         for b in args.batch:
             ttft, step = time_hf(model, b, args.in_len, args.out_len)
             rows.append(dict(engine="transformers", batch=b, ttft_ms=ttft * 1e3,
-                             tpot_ms=step * 1e3, tok_s=b / step,
-                             mbu=weight_bytes(cfg) / step / bw))
+                             tpot_ms=step * 1e3, tok_s=b / step, mbu=step_bytes(b) / step / bw))
     base = {r["batch"]: r["tok_s"] for r in rows if r["engine"] == "transformers"}
     print(f"\n{card()}  shape={args.shape} layers={cfg.num_layers} in={args.in_len} "
           f"out={args.out_len}  copy bandwidth {bw / 1e12:.2f} TB/s")

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import card, hf_model, model_config, random_workspace  # noqa: E402
+from bench_common import (card, free_gpu_memory, hf_model, model_config,  # noqa: E402
+                          random_workspace)
 
 
 def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -94,7 +95,7 @@ def main() -> None:
                  out_tok_s=out_tokens / secs)]
     llm.shutdown()
     del llm
-    torch.cuda.empty_cache()
+    free_gpu_memory()
     if not args.no_baseline:
         sub = reqs[:args.hf_prompts]
         model = hf_model(cfg)
