@@ -59,16 +59,30 @@ def read_prompt(input_fn: Callable[[str], str]) -> str:
     return "\n".join(lines[:-1]).strip()
 
 
+def _check_reachable(url: str, api_key: str | None) -> None:
+    from tpserve.engine.errors import ConfigError
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", headers=_headers(api_key), timeout=10)
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"cannot reach {url} ({exc}); start a server with `tpserve serve "
+                          f"api_server` or check the URL") from None
+
+
 def api_client_repl(url: str, session_id: int = 1, api_key: str | None = None,
                     request_output_len: int = 512, input_fn: Callable[[str], str] = input,
                     out: TextIO = sys.stdout) -> None:
+    _check_reachable(url, api_key)
     while True:
         try:
             prompt = read_prompt(input_fn)
         except (EOFError, KeyboardInterrupt):
             prompt = "exit"
         if prompt in ("exit", "end"):
-            end_session(url, session_id, api_key)
+            try:
+                end_session(url, session_id, api_key)
+            except httpx.HTTPError as exc:  # the server went away: nothing left to end
+                print(f"error: could not end the session ({exc})", file=out, flush=True)
             if prompt == "exit":
                 return
             print("(session ended; a new conversation starts)", file=out, flush=True)

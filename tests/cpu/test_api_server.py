@@ -150,3 +150,12 @@ def test_webui_without_gradio_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
     with pytest.raises(ConfigError, match=r"tpserve\[webui\]"):
         run_webui("http://127.0.0.1:1")
+
+
+def test_api_client_names_an_unreachable_server():
+    from tpserve.cluster.local_server import free_port
+    from tpserve.engine.errors import ConfigError
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConfigError, match="cannot reach"):
+        api_client_repl(url, input_fn=lambda _: "exit")
