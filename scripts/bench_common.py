@@ -73,6 +73,15 @@ def random_workspace(cfg: ModelConfig, dst: Path, tp: int = 1, dtype=torch.bfloa
     return dst
 
 
+def workspace_for(cfg: ModelConfig, given: str | None) -> Path:
+    """The --workspace a benchmark was given, else a fresh random one in cfg's shape."""
+    import tempfile
+
+    if given:
+        return Path(given)
+    return random_workspace(cfg, Path(tempfile.mkdtemp(prefix="tpserve-bench-")) / "ws")
+
+
 def hf_model(cfg: ModelConfig, dtype=torch.bfloat16):
     """A transformers Llama of the same shape (random weights), for the baseline."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import (card, copy_bandwidth, free_gpu_memory, hf_model,  # noqa: E402
-                          kv_bytes, model_config, random_workspace, weight_bytes)
+                          kv_bytes, model_config, workspace_for, weight_bytes)
 
 
 def time_tpserve(llm, batch: int, in_len: int, out_len: int) -> tuple[float, float]:
@@ -78,8 +77,7 @@ def main() -> None:
     from tpserve.engine.llm import LLM
 
     cfg = model_config(args.shape, args.layers)
-    ws = Path(args.workspace) if args.workspace else random_workspace(
-        cfg, Path(tempfile.mkdtemp(prefix="tpserve-bench-")) / "ws")
+    ws = workspace_for(cfg, args.workspace)
     bw = copy_bandwidth()
     llm = LLM(ws, cache_max_entry_count=0.5, session_len=4096)
     for b in args.batch:  # warm-up at each measured shape: Triton compiles per specialization

@@ -10,7 +10,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import (card, free_gpu_memory, hf_model, model_config,  # noqa: E402
-                          random_workspace)
+                          workspace_for)
 
 
 def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -83,8 +82,7 @@ def main() -> None:
     from tpserve.engine.llm import LLM
 
     cfg = model_config(args.shape, args.layers)
-    ws = Path(args.workspace) if args.workspace else random_workspace(
-        cfg, Path(tempfile.mkdtemp(prefix="tpserve-bench-")) / "ws")
+    ws = workspace_for(cfg, args.workspace)
     reqs = workload(args.num_prompts)
     llm = LLM(ws, cache_max_entry_count=0.85, session_len=2048,
               max_batch_size=args.max_batch_size, quant_policy=args.quant_policy)
