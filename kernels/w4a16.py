@@ -53,6 +53,20 @@ if HAS_TRITON:
         return s * (16.0 * dot - (16.0 + z) * x_sum)
 
     @triton.jit
+    def _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, mask):
+        """Writes the eight nibble accumulators of packed column c to output columns
+        c*8 + AutoAWQ's order [0, 2, 4, 6, 1, 3, 5, 7]."""
+        dt = out.dtype.element_ty
+        tl.store(out + 0, a0.to(dt), mask=mask)
+        tl.store(out + 2, a1.to(dt), mask=mask)
+        tl.store(out + 4, a2.to(dt), mask=mask)
+        tl.store(out + 6, a3.to(dt), mask=mask)
+        tl.store(out + 1, a4.to(dt), mask=mask)
+        tl.store(out + 3, a5.to(dt), mask=mask)
+        tl.store(out + 5, a6.to(dt), mask=mask)
+        tl.store(out + 7, a7.to(dt), mask=mask)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, n_packed, groups_per_split,
                      num_groups, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm,
                      GROUP: tl.constexpr, BLOCK_NP: tl.constexpr):
@@ -83,15 +97,7 @@ if HAS_TRITON:
             a0, a1, a2, a3 = a0 + d0, a1 + d1, a2 + d2, a3 + d3
             a4, a5, a6, a7 = a4 + d4, a5 + d5, a6 + d6, a7 + d7
         out = part_ptr + split * s_ps + m * s_pm + cp * 8
-        dt = part_ptr.dtype.element_ty
-        tl.store(out + 0, a0.to(dt), mask=cmask)
-        tl.store(out + 2, a1.to(dt), mask=cmask)
-        tl.store(out + 4, a2.to(dt), mask=cmask)
-        tl.store(out + 6, a3.to(dt), mask=cmask)
-        tl.store(out + 1, a4.to(dt), mask=cmask)
-        tl.store(out + 3, a5.to(dt), mask=cmask)
-        tl.store(out + 5, a6.to(dt), mask=cmask)
-        tl.store(out + 7, a7.to(dt), mask=cmask)
+        _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, cmask)
 
     @triton.jit
     def _nibble_mma(acc, x, packed, zeros, s_row_ptr, cp, cmask, NIBBLE: tl.constexpr):
@@ -140,15 +146,7 @@ if HAS_TRITON:
             a7 = _nibble_mma(a7, x, p, zq, srow, cp, cmask, 7)
         out = part_ptr + split * s_ps + offs_m[:, None] * s_pm + cp[None, :] * 8
         mask = mmask[:, None] & cmask[None, :]
-        dt = part_ptr.dtype.element_ty
-        tl.store(out + 0, a0.to(dt), mask=mask)
-        tl.store(out + 2, a1.to(dt), mask=mask)
-        tl.store(out + 4, a2.to(dt), mask=mask)
-        tl.store(out + 6, a3.to(dt), mask=mask)
-        tl.store(out + 1, a4.to(dt), mask=mask)
-        tl.store(out + 3, a5.to(dt), mask=mask)
-        tl.store(out + 5, a6.to(dt), mask=mask)
-        tl.store(out + 7, a7.to(dt), mask=mask)
+        _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, mask)
 
     @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, splits, numel, s_ps, BLOCK: tl.constexpr):
