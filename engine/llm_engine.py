@@ -1,7 +1,8 @@
 """LLMEngine: the step loop that turns requests into streamed outputs.
 
-Each `step()`: schedule -> build the ForwardBatch -> `runner.execute` ->
-sample the rows that end their request's known tokens -> append tokens ->
+Each `step()`: schedule -> build the ForwardBatch and the SamplingBatch of the
+rows that end their request's known tokens -> `runner.step` (forward and
+sampling on the runner's device) -> append tokens ->
 detokenize and check stop conditions -> one RequestOutput per request that
 advanced or finished. The runner is anything with the `ModelRunner` shape
 below; the ForwardBatch (built on the CPU) is its only per-step input, so an
@@ -23,7 +24,7 @@ from .errors import RequestError
 from .forward_batch import ForwardBatch
 from .outputs import RequestOutput, TokenLogprob
 from .request import Request, child_request_ids
-from .sampler import SamplerOutput, SamplingBatch, sample
+from .sampler import SamplerOutput, SamplingBatch
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
 
@@ -38,6 +39,11 @@ class ModelRunner(Protocol):
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """[S, vocab_size] float32 logits on `device`, one row per batch.logits_indices entry."""
+        ...
+
+    def step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> SamplerOutput | None:
+        """Runs the batch and samples one token per logits row where the logits are
+        (for tensor parallelism: on rank 0, so only token ids travel back)."""
         ...
 
 
@@ -99,7 +105,6 @@ class LLMEngine:
             self._children[request_id] = ids
             self._parent_of.update((cid, request_id) for cid in ids)
         for request in requests:
-            request.generator = self._generator(request.sampling_params.seed)
             self.scheduler.add_request(request)
             self._states[request.request_id] = _OutputState(IncrementalDetokenizer(
                 self.tokenizer, request.token_ids[:request.num_prompt_tokens], request.sampling_params))
@@ -127,11 +132,6 @@ class LLMEngine:
             return params
         seed = None if params.seed is None else params.seed + index
         return dataclasses.replace(params, n=1, seed=seed)
-
-    def _generator(self, seed: int | None) -> torch.Generator | None:
-        if seed is None:
-            return None
-        return torch.Generator(device=self.runner.device).manual_seed(seed)
 
     def abort_request(self, request_id: str) -> list[RequestOutput]:
         """Stops a request (all its samples) and frees its blocks; returns its final outputs."""
@@ -184,13 +184,13 @@ class LLMEngine:
             [c.token_ids for c in chunks], [c.context_len for c in chunks],
             [list(c.request.block_ids) for c in chunks], self.runner.block_size,
             [c.wants_logits for c in chunks])
-        logits = self.runner.execute(batch)[:, :self.runner.vocab_size]  # drop any TP padding
+        requests = [c.request for c in chunks if c.wants_logits]
+        sampling = SamplingBatch.build(requests, self.runner.vocab_size) if requests else None
+        sampled = self.runner.step(batch, sampling)
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_new_tokens
-        requests = [c.request for c in chunks if c.wants_logits]
         if not requests:
             return []
-        sampled = sample(logits, SamplingBatch.build(requests, self.runner.vocab_size, logits.device))
         token_ids = sampled.token_ids.tolist()
         logprobs = _logprob_rows(sampled, token_ids)
         return [self._append_token(r, t, lp) for r, t, lp in zip(requests, token_ids, logprobs)]

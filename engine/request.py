@@ -12,7 +12,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from .sampling_params import SamplingParams
 
@@ -34,7 +33,6 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     session_id: int | str | None = None
     keep_session: bool = False
-    generator: torch.Generator | None = None  # set when sampling_params.seed is given
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None  # why the engine stopped it, when it was not the request's own limits

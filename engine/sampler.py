@@ -5,7 +5,10 @@ as Hugging Face's; presence and frequency over the output, as OpenAI's) ->
 greedy argmax, or: divide by temperature -> top-k -> top-p -> min-p ->
 exponential-race sampling, `argmax(p / E)` with `E ~ Exp(1)`, the same draw as
 Gumbel-max `argmax(logits/T - log(-log U))`. A request with a seed draws E
-from its own generator, so its tokens do not depend on what else is batched.
+from a generator seeded by (seed, output position), so its tokens depend
+neither on what else is batched nor on where the batch is sampled (the engine
+process, or tensor-parallel rank 0): a SamplingBatch is built on the CPU,
+pickles small, and moves to the sampling device with `to()`.
 
 Log-probabilities are those of the raw model distribution (log_softmax of
 the logits before penalties and temperature), as vLLM reports by default.
@@ -17,16 +20,18 @@ from typing import Sequence
 
 import torch
 
+from .pickling import NumpyPickled
 from .request import Request
 
 
 @dataclass(frozen=True)
-class SamplingBatch:
+class SamplingBatch(NumpyPickled):
     """Per-row sampling options as device tensors; None where no row uses the option."""
 
-    greedy: torch.Tensor  # [S] bool
-    temperature: torch.Tensor  # [S] float32, 1.0 on greedy rows
-    generators: tuple[torch.Generator | None, ...]
+    greedy: torch.Tensor | None  # [S] bool; None when all rows are greedy
+    temperature: torch.Tensor | None  # [S] float32, 1.0 on greedy rows; None when all are
+    seeds: tuple[int | None, ...]  # per row; None draws from the global generator
+    steps: tuple[int, ...]  # per row: tokens the request has generated so far
     all_greedy: bool
     top_k: torch.Tensor | None = None  # [S] int64, vocab size where off
     top_p: torch.Tensor | None = None  # [S] float32, 1.0 where off
@@ -41,6 +46,7 @@ class SamplingBatch:
     @classmethod
     def build(cls, requests: Sequence[Request], vocab_size: int,
               device: torch.device | str = "cpu") -> "SamplingBatch":
+        """The rows' options as tensors on `device` (the CPU to ship them elsewhere)."""
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
         sampled = [p for p in params if not p.greedy]
@@ -56,11 +62,14 @@ class SamplingBatch:
         rep = any(p.repetition_penalty != 1.0 for p in params)
         pres_freq = any(p.presence_penalty or p.frequency_penalty for p in params)
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        all_greedy = all(greedy)
         return cls(
-            greedy=column(greedy, torch.bool),
-            temperature=column([1.0 if p.greedy else p.temperature for p in params]),
-            generators=tuple(r.generator for r in requests),
-            all_greedy=all(greedy),
+            greedy=None if all_greedy else column(greedy, torch.bool),
+            temperature=None if all_greedy else
+            column([1.0 if p.greedy else p.temperature for p in params]),
+            seeds=tuple(p.seed for p in params),
+            steps=tuple(r.num_output_tokens for r in requests),
+            all_greedy=all_greedy,
             top_k=column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.int64)
             if any(p.top_k for p in sampled) else None,
             top_p=column([p.top_p for p in params]) if any(p.top_p < 1 for p in sampled) else None,
@@ -74,12 +83,23 @@ class SamplingBatch:
         )
 
 
+    def to(self, device: torch.device | str) -> "SamplingBatch":
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
+        return SamplingBatch(**moved)
+
+
 @dataclass(frozen=True)
-class SamplerOutput:
+class SamplerOutput(NumpyPickled):
     token_ids: torch.Tensor  # [S] int64
     logprobs: torch.Tensor | None = None  # [S] float32, of the sampled tokens
     top_token_ids: torch.Tensor | None = None  # [S, n] int64, best first
     top_logprobs: torch.Tensor | None = None  # [S, n] float32
+
+    def cpu(self) -> "SamplerOutput":
+        return SamplerOutput(*(None if t is None else t.cpu() for t in
+                               (self.token_ids, self.logprobs, self.top_token_ids,
+                                self.top_logprobs)))
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -148,12 +168,20 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = apply_min_p(logits, batch.min_p)
     probs = logits.softmax(dim=-1)
     noise = torch.empty_like(probs)
-    if any(g is None for g in batch.generators):
+    if any(seed is None for seed in batch.seeds):
         noise.exponential_()
-    for row, generator in enumerate(batch.generators):
-        if generator is not None:
+    for row, (seed, step) in enumerate(zip(batch.seeds, batch.steps)):
+        if seed is not None:
+            generator = torch.Generator(probs.device).manual_seed(_row_seed(seed, step))
             noise[row].exponential_(generator=generator)
     return (probs / noise.clamp_(min=1e-20)).argmax(dim=-1)
+
+
+def _row_seed(seed: int, step: int) -> int:
+    """One generator seed per (request seed, output position), spread by a 64-bit mix."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (1 << 64)
+    x ^= x >> 31
+    return (x * 0x94D049BB133111EB) % (1 << 63)
 
 
 def _logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor, n: int):

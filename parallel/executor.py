@@ -1,7 +1,8 @@
 """RayExecutor: tensor-parallel ranks as Ray actors, behind the ModelRunner shape.
 
     executor = RayExecutor(tp, runner_factory, device="auto")
-    logits = executor.execute(batch)    # [S, vocab] float32 on the CPU
+    sampled = executor.step(batch, sampling)  # SamplerOutput on the CPU (rank 0 sampled)
+    logits = executor.execute(batch)          # [S, vocab] float32 on the CPU
     executor.shutdown()
 
 `runner_factory(rank, group)` is called inside each actor once its process
@@ -86,8 +87,17 @@ class RayExecutor:
 
     def execute(self, batch) -> torch.Tensor:
         """Next-token logits [S, vocab] float32 (CPU) for one ForwardBatch."""
+        return self._call("execute", batch)
+
+    def step(self, batch, sampling):
+        """One ForwardBatch run on every rank and sampled on rank 0; the SamplerOutput
+        (CPU), or None when `sampling` is None."""
+        return self._call("step", batch, sampling)
+
+    def _call(self, method: str, *args):
+        """Calls rank 0's `method`; fails at once if any rank dies meanwhile."""
         self.check_health()
-        ref = self.workers[0].execute.remote(batch)
+        ref = getattr(self.workers[0], method).remote(*args)
         ready, _ = ray.wait([ref, *self._loops], num_returns=1, timeout=self.step_timeout_s)
         if ref not in ready:
             self._fail(self._loop_failure(ready) or

@@ -1,10 +1,11 @@
 """One tensor-parallel rank in its own process (a Ray actor): its group and its runner.
 
-Rank 0 is driven by the executor (`execute`, one Ray call a step) and
+Rank 0 is driven by the executor (`step`, one Ray call a step) and
 broadcasts each step's batch to the other ranks over the gloo control group;
 ranks 1.. sit in `serve` (`while batch := recv(): runner.execute(batch)`), so a
-step costs one Ray call whatever the tp, and nothing goes through Ray's object
-store except rank 0's logits. The alternative, `ray.put` once and call every
+step costs one Ray call whatever the tp. Rank 0 also samples, so only the
+sampled token ids (and any logprobs) travel back, not [S, vocab] logits. The
+alternative, `ray.put` once and call every
 rank with that ObjectRef, was 1-2 ms a step slower for a tiny Llama at tp=2 on
 CPU (scripts/bench_tp.py) and puts tp Ray calls on every step.
 """
@@ -28,6 +29,8 @@ class Runner(Protocol):
     vocab_size: int
 
     def execute(self, batch) -> torch.Tensor: ...
+
+    def step(self, batch, sampling): ...
 
 
 RunnerFactory = Callable[[int, TPGroup], Runner]
@@ -69,21 +72,40 @@ class TPWorker:
         return {"num_blocks": self.runner.num_blocks, "block_size": self.runner.block_size,
                 "vocab_size": self.runner.vocab_size}
 
-    def step(self, batch) -> torch.Tensor | None:
-        """Runs one batch on this rank; rank 0 returns the logits on the CPU."""
-        logits = self.runner.execute(batch)
-        return logits.cpu() if self.rank == 0 else None
-
     def execute(self, batch) -> torch.Tensor:
-        """Rank 0: hands the batch to the other ranks, then runs it with them."""
+        """Rank 0: hands the batch to the other ranks, runs it with them; logits on the CPU."""
         self.channel.send(batch)
-        return self.step(batch)
+        return self.runner.execute(batch).cpu()
+
+    def step(self, batch, sampling):
+        """Rank 0: as `execute`, then samples here; the SamplerOutput on the CPU (or None)."""
+        self.channel.send(batch)
+        sampled = self.runner.step(batch, sampling)
+        return None if sampled is None else sampled.cpu()
+
+    def time_steps(self, batch, sampling, steps: int) -> dict[str, float]:
+        """Rank 0, for benchmarks: mean ms of each part of `step` over `steps` steps."""
+        import time
+
+        parts = {"send": 0.0, "forward_and_sample": 0.0, "to_cpu": 0.0}
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.channel.send(batch)
+            t1 = time.perf_counter()
+            sampled = self.runner.step(batch, sampling)
+            torch.cuda.synchronize() if self.use_gpu else None
+            t2 = time.perf_counter()
+            sampled.cpu()
+            t3 = time.perf_counter()
+            for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                parts[key] += dt * 1e3 / steps
+        return parts
 
     def serve(self) -> int:
         """Ranks 1..: runs every batch rank 0 sends until it says stop; returns the step count."""
         steps = 0
         while (batch := self.channel.recv()) is not None:
-            self.step(batch)
+            self.runner.execute(batch)
             steps += 1
         return steps
 

@@ -16,6 +16,7 @@ from tpserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from tpserve.engine.config import EngineConfig
 from tpserve.engine.errors import RequestError
 from tpserve.engine.llm_engine import LLMEngine
+from tpserve.engine.sampler import sample
 from tpserve.engine.sampling_params import SamplingParams
 
 V = 97
@@ -62,6 +63,10 @@ class FakeRunner:
         logits = torch.full((len(rows), V), -5.0)
         logits[torch.arange(len(rows)), torch.tensor(rows, dtype=torch.int64)] = 5.0
         return logits
+
+    def step(self, batch, sampling):
+        logits = self.execute(batch)
+        return None if sampling is None else sample(logits, sampling)
 
 
 class CharTokenizer:

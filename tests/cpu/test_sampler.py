@@ -8,11 +8,9 @@ LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], dtype=torch.f
 V = LOGITS.numel()
 
 
-def req(params, prompt=(1, 2), output=(), seed_device="cpu"):
+def req(params, prompt=(1, 2), output=()):
     r = Request.new("r", list(prompt), params)
     r.token_ids.extend(output)
-    if params.seed is not None:
-        r.generator = torch.Generator(seed_device).manual_seed(params.seed)
     return r
 
 
@@ -104,6 +102,7 @@ def _seeded_run(seed, others, steps=6, vocab=50):
         logits[others // 2] = table[s]
         out = sample(logits, SamplingBatch.build(batch_requests, vocab)).token_ids
         tokens.append(int(out[others // 2]))
+        target.append_token(tokens[-1])
     return tokens
 
 
@@ -130,3 +129,27 @@ def test_logprobs_are_the_raw_distribution():
 def test_no_logprobs_requested():
     out = sample(torch.randn(2, 5), SamplingBatch.build([req(SamplingParams())] * 2, 5))
     assert out.logprobs is None and out.top_token_ids is None
+
+
+def test_seeded_draws_follow_the_distribution_step_after_step():
+    """One seeded request sampled over many steps: fresh noise each step, right frequencies."""
+    target = req(SamplingParams(seed=3, temperature=1.0))
+    counts = torch.zeros(V, dtype=torch.float64)
+    steps = 4000
+    for _ in range(steps):
+        token = int(sample(LOGITS.float()[None].clone(), SamplingBatch.build([target], V)).token_ids)
+        counts[token] += 1
+        target.append_token(token)
+    assert torch.allclose(counts / steps, expected(list(range(V))), atol=0.03)
+
+
+def test_sampling_batch_pickles_and_moves():
+    import pickle
+    rows = [req(SamplingParams(seed=5, top_k=3, repetition_penalty=1.2, logprobs=2)),
+            req(SamplingParams())]
+    batch = SamplingBatch.build(rows, V)
+    copy = pickle.loads(pickle.dumps(batch)).to("cpu")
+    logits = torch.randn(2, V)
+    a, b = sample(logits.clone(), batch), sample(logits.clone(), copy)
+    assert int(a.token_ids[0]) == int(b.token_ids[0])
+    assert torch.equal(a.top_token_ids, b.top_token_ids)
