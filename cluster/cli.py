@@ -47,13 +47,15 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-block-seq-len", type=int, default=None, help="tokens per KV block")
     g.add_argument("--quant-policy", type=int, default=None, choices=(0, 4, 8),
                    help="8 (or LMDeploy's 4): int8 KV cache; 0: off")
+    g.add_argument("--eager-mode", type=str2bool, nargs="?", const=True, default=None,
+                   help="run decode without CUDA graphs (slower; for debugging)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     keys = ("session_len", "max_batch_size", "cache_max_entry_count", "cache_block_seq_len",
-            "quant_policy", "device")
+            "quant_policy", "eager_mode", "device")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

@@ -106,6 +106,7 @@ class EngineConfig:
     cache_block_seq_len: int = 64
     quant_policy: int = 0
     enable_prefix_caching: bool = True
+    eager_mode: bool = False  # True: no CUDA graphs for decode (slower; for debugging)
     dtype: str = "auto"
     device: str = "auto"
 

@@ -10,10 +10,12 @@ import torch
 from ..parallel.comm import LocalGroup, TPGroup
 from ..parallel.process_group import min_over_ranks
 from .config import EngineConfig, WorkspaceMeta
+from .cuda_graph import DecodeGraphs
 from .errors import ConfigError
 from .forward_batch import ForwardBatch
 from .kv_cache import KVCache
 from .loader import build_model, load_kv_qparams
+from .sampler import SamplerOutput, SamplingBatch, sample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,6 +62,12 @@ class ModelRunner:
         self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, kv_heads,
                                          cfg.head_dim, self.dtype, self.device, config.kv_int8,
                                          static)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.eager_mode:
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self._forward, self.device, config.max_batch_size,
+                                           math.ceil(config.session_len / self.block_size) + 1,
+                                           config.session_len)
 
     def _count_blocks(self, per_block: int) -> int:
         c = self.config
@@ -77,8 +85,23 @@ class ModelRunner:
                               f"--cache-max-entry-count or use more GPUs (--tp)")
         return blocks
 
-    @torch.inference_mode()
-    def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        batch = batch.to(self.device)
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.model(batch, self.kv_cache)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        """[S, vocab_size] float32 next-token logits, one row per batch.logits_indices entry.
+        Decode batches replay a CUDA graph when there is one (the rows are then a view
+        valid until the next step)."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        return self._forward(batch.to(self.device))
+
+    @torch.inference_mode()
+    def step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> SamplerOutput | None:
+        """Runs the batch and samples its logits rows on this device (None: nothing to sample)."""
+        logits = self.execute(batch)
+        if sampling is None:
+            return None
+        return sample(logits[:, :self.vocab_size], sampling.to(self.device))

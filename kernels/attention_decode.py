@@ -3,8 +3,10 @@
 Flash-decoding: the context of each request is cut into splits, one program
 per (request, kv head, split) computes a partial softmax for all query heads of
 that kv head (GQA heads share each K/V read), and a reduce kernel merges the
-splits by their log-sum-exp. Split count depends only on the batch shape and
-``max_seq_len``, never on tensor contents, so no host sync is needed.
+splits by their log-sum-exp. The split count depends only on the batch shape
+and the bound ``max_seq_len``, never on tensor contents (no host sync, and a
+CUDA graph captured with a large bound serves any shorter context); each
+program cuts its own sequence into that many equal parts by its actual length.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ if HAS_TRITON:
     @triton.jit
     def _decode_split_kernel(
             q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, po_ptr, pl_ptr,
-            scale_log2, window, tokens_per_split, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
+            scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
             s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, head_dim,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr,
             BLOCK_N: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
@@ -36,7 +38,10 @@ if HAS_TRITON:
         kv_start = 0
         if HAS_WINDOW:
             kv_start = tl.maximum(seq_len - window, 0)
-        begin = (kv_start // BLOCK_N) * BLOCK_N + split * tokens_per_split
+        first = (kv_start // BLOCK_N) * BLOCK_N
+        tiles = tl.cdiv(seq_len - first, BLOCK_N)
+        tokens_per_split = tl.cdiv(tiles, tl.num_programs(2)) * BLOCK_N
+        begin = first + split * tokens_per_split
         end = tl.minimum(seq_len, begin + tokens_per_split)
 
         g = tl.arange(0, GROUP_PAD)
@@ -90,15 +95,12 @@ if HAS_TRITON:
                  mask=cols < head_dim)
 
 
-def _split_plan(q, num_kv, max_seq_len, sliding_window, block_n):
-    """(num_splits, tokens_per_split): enough programs to fill the GPU twice over."""
+def _num_splits(q, num_kv, max_seq_len, sliding_window, block_n) -> int:
+    """Enough programs to fill the GPU twice over, and no more splits than tiles."""
     span = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
     span = max(1, span + (0 if sliding_window is None else block_n))
-    tiles = cdiv(span, block_n)
     want = cdiv(2 * num_sms(q), max(1, q.shape[0] * num_kv))
-    splits = max(1, min(tiles, want, 64))
-    tokens = cdiv(tiles, splits) * block_n
-    return cdiv(span, tokens), tokens
+    return max(1, min(cdiv(span, block_n), want, 64))
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
@@ -107,7 +109,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
     page, num_kv = k_cache.shape[1], k_cache.shape[2]
     group = num_q // num_kv
     block_n = 64 if q.is_cuda else 16
-    splits, tokens_per_split = _split_plan(q, num_kv, max_seq_len, sliding_window, block_n)
+    splits = _num_splits(q, num_kv, max_seq_len, sliding_window, block_n)
     part_out = torch.empty(num_tokens, num_q, splits, head_dim, dtype=torch.float32,
                            device=q.device)
     part_lse = torch.empty(num_tokens, num_q, splits, dtype=torch.float32, device=q.device)
@@ -117,7 +119,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
     d_pad = max(16, next_pow2(head_dim))
     _decode_split_kernel[(num_tokens, num_kv, splits)](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_out, part_lse,
-        scale * math.log2(math.e), sliding_window or 0, tokens_per_split,
+        scale * math.log2(math.e), sliding_window or 0,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
