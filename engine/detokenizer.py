@@ -30,6 +30,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer | None, prompt_token_ids: Sequence[int],
                  params: SamplingParams) -> None:
         self.tokenizer = tokenizer
+        self._decode = _fast_decode(tokenizer)
         self.skip_special_tokens = params.skip_special_tokens
         self.stop = list(params.stop or [])
         self._hold = max((len(s) for s in self.stop), default=1) - 1
@@ -64,7 +65,7 @@ class IncrementalDetokenizer:
         return self.text[:self._emitted]
 
     def _decode_new(self, final: bool) -> str:
-        decode = self.tokenizer.decode
+        decode = self._decode
         skip = self.skip_special_tokens
         prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=skip)
         full = decode(self._ids[self._prefix_offset:], skip_special_tokens=skip)
@@ -83,6 +84,17 @@ class IncrementalDetokenizer:
         index, stop = min(found)
         self.text = self.text[:index]
         return stop
+
+
+def _fast_decode(tokenizer: Tokenizer | None):
+    """`tokenizer.decode`, or the Rust tokenizer's own when a transformers fast tokenizer
+    wraps one and adds nothing to decoding (its Python layer costs more than the decode)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "decode") or \
+            getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return getattr(tokenizer, "decode", None)
+    return lambda ids, skip_special_tokens=False: backend.decode(
+        ids, skip_special_tokens=skip_special_tokens)
 
 
 def stop_reason(token_id: int, num_output_tokens: int, num_tokens: int, params: SamplingParams,
