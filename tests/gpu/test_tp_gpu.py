@@ -1,5 +1,6 @@
-"""tp=2 over NCCL (two Ray actors, one GPU each) decodes the same greedy tokens as tp=1
-on a random Llama of moderate size (GQA, vocab not a multiple of the tp split)."""
+"""tp=2 and tp=4 over NCCL (one Ray actor per GPU) decode the same greedy tokens as
+tp=1 on a random Llama in Llama-3-8B's widths (two layers), with decode steps
+replayed as CUDA graphs on every rank."""
 from __future__ import annotations
 
 import functools
@@ -22,21 +23,22 @@ from tpserve.engine.workspace import read_meta  # noqa: E402
 from tpserve.parallel.executor import RayExecutor  # noqa: E402
 
 STEPS = 32
-PROMPTS = [[1, 17, 923, 4001, 77, 12], [1, 5, 31999, 8], list(range(2, 130))]
+PROMPTS = [[1, 17, 923, 4001, 77, 12], [1, 5, 128255, 8], list(range(2, 130))]
 
 
 def random_llama(folder):
+    """Llama-3-8B's widths (hidden, heads, GQA, intermediate, vocab) with two layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32003, hidden_size=1024, intermediate_size=2816,
-                      num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=4,
-                      max_position_embeddings=2048, torch_dtype="float32")
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=2048, rope_theta=500000.0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).float()
     model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
     return folder
 
 
@@ -55,19 +57,33 @@ def greedy(runner) -> tuple[torch.Tensor, list[list[int]]]:
     return first, tokens
 
 
-def test_tp2_nccl_greedy_equals_tp1(tmp_path):
-    src = random_llama(tmp_path / "hf")
-    config = EngineConfig(cache_max_entry_count=64, cache_block_seq_len=64, dtype="float32",
-                          device="cuda")
-    ws1 = convert("llama2", src, tmp_path / "ws1", tp=1, progress=False)
-    ws2 = convert("llama2", src, tmp_path / "ws2", tp=2, progress=False)
-    ref_logits, ref_tokens = greedy(ModelRunner(ws1, read_meta(ws1), config))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp")
+    src = random_llama(tmp / "hf")
+    ws1 = convert("llama2", src, tmp / "ws1", tp=1, progress=False)
+    runner = ModelRunner(ws1, read_meta(ws1), CONFIG)
+    result = greedy(runner)
+    del runner
     torch.cuda.empty_cache()
+    return src, tmp, result
+
+
+CONFIG = EngineConfig(cache_max_entry_count=64, cache_block_seq_len=64, dtype="float32",
+                      device="cuda", max_batch_size=8)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_nccl_greedy_equals_tp1(tp, reference):
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} CUDA devices")
+    src, tmp, (ref_logits, ref_tokens) = reference
+    ws = convert("llama2", src, tmp / f"ws{tp}", tp=tp, progress=False)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
+        ray.init(num_cpus=8, num_gpus=torch.cuda.device_count(), include_dashboard=False)
     start = time.perf_counter()
-    ex = RayExecutor(2, functools.partial(ModelRunner, ws2, read_meta(ws2), config), device="cuda")
-    print(f"tp=2 start {time.perf_counter() - start:.1f} s on {torch.cuda.get_device_name()}")
+    ex = RayExecutor(tp, functools.partial(ModelRunner, ws, read_meta(ws), CONFIG), device="cuda")
+    print(f"tp={tp} start {time.perf_counter() - start:.1f} s on {torch.cuda.get_device_name()}")
     try:
         logits, tokens = greedy(ex)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-3,
@@ -78,6 +94,6 @@ def test_tp2_nccl_greedy_equals_tp1(tmp_path):
         start = time.perf_counter()
         for _ in range(50):
             ex.execute(batch)
-        print(f"tp=2 decode step (1 seq): {(time.perf_counter() - start) / 50 * 1e3:.2f} ms")
+        print(f"tp={tp} decode step (1 seq): {(time.perf_counter() - start) / 50 * 1e3:.2f} ms")
     finally:
         ex.shutdown()

@@ -1,0 +1,63 @@
+"""The serving engine on a GPU at real widths (Llama-3-8B's hidden size, heads,
+GQA and vocab; two layers): greedy tokens equal transformers' in every engine
+scenario, with decode running through CUDA graphs; and graphs equal eager."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from engine_scenarios import check_scenarios, greedy, shared_prefix_prompts  # noqa: E402
+from tpserve.engine.convert import convert  # noqa: E402
+from tpserve.engine.demo_model import demo_model_path  # noqa: E402
+from tpserve.engine.llm import LLM  # noqa: E402
+
+OPTIONS = dict(dtype="float32", device="cuda", session_len=1024, max_batch_size=16,
+               cache_max_entry_count=0.3)
+
+
+@pytest.fixture(scope="module")
+def real_width(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).float().eval()
+    folder = tmp_path_factory.mktemp("llama3-width")
+    model.save_pretrained(folder / "hf")
+    for f in demo_model_path().glob("*.json"):  # a tokenizer for the engine (ids < 4096)
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, folder / "hf" / f.name)
+    ws = convert("llama3", folder / "hf", folder / "ws", tp=1, progress=False)
+    return ws, model
+
+
+def test_engine_scenarios_match_transformers_at_real_width(real_width):
+    ws, model = real_width
+    torch.backends.cuda.matmul.allow_tf32 = False
+    counters = check_scenarios(ws, model, OPTIONS, block_size=64, max_tokens=24)
+    print(f"{torch.cuda.get_device_name()}: {counters}")
+
+
+def test_cuda_graphs_equal_eager(real_width):
+    ws, _ = real_width
+    prompts = shared_prefix_prompts(128256, seed=1) * 3  # 15 rows: a padded graph size
+    options = OPTIONS
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(ws, eager_mode=eager, **options)
+        try:
+            assert (llm.executor.graphs is None) == eager
+            runs[eager] = greedy(llm, prompts, 32)
+        finally:
+            llm.shutdown()
+    same = sum(a == b for a, b in zip(runs[True], runs[False]))
+    assert same == len(prompts), f"{len(prompts) - same} of {len(prompts)} rows differ"
