@@ -107,7 +107,7 @@ def convert(model_name: str, model_path: str | os.PathLike, dst_path: str | os.P
                           rank_dir(tmp, r) / f"layer_{i:04d}.safetensors")
         canon = _canonical(reader, by_layer[None], to_canonical, out_dtype)
         _write_embed_head(tmp, canon, cfg, vocab, tp)
-        _copy_tokenizer(src, tmp / "tokenizer")
+        copy_tokenizer(src, tmp / "tokenizer")
         link_lmdeploy_alias(tmp)
         weight_type = "int4" if quant.method == "awq" else _dtype_name(out_dtype)
         write_meta(tmp, WorkspaceMeta(
@@ -158,7 +158,8 @@ def _write_embed_head(ws: Path, canon: dict, cfg: ModelConfig, vocab: int, tp: i
                   rank_dir(ws, r) / "embed_head.safetensors")
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copies the tokenizer files of a model folder into a new folder dst."""
     dst.mkdir()
     for pattern in TOKENIZER_FILES:
         for f in src.glob(pattern):

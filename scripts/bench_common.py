@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tpserve.engine.config import ModelConfig, WorkspaceMeta
+from tpserve.engine.config import ModelConfig, QuantConfig, WorkspaceMeta
+from tpserve.engine.convert import copy_tokenizer
+from tpserve.engine.demo_model import demo_model_path
 from tpserve.engine.workspace import rank_dir, write_meta
-from tpserve.parallel.linear import UnquantizedMethod
+from tpserve.parallel.linear import AWQMethod, UnquantizedMethod
 from tpserve.parallel.sharding import ShardPlan, padded_vocab, shard_layer, shard_vocab
 
 SHAPES = {
@@ -34,27 +36,28 @@ def model_config(shape: str, layers: int | None = None) -> ModelConfig:
                        rms_norm_eps=1e-5, max_position_embeddings=8192, **s)
 
 
-def random_workspace(cfg: ModelConfig, dst: Path, tp: int = 1, dtype=torch.bfloat16) -> Path:
-    """Writes a workspace of random weights in cfg's shape (fast: made on the GPU)."""
+def random_workspace(cfg: ModelConfig, dst: Path, tp: int = 1, dtype=torch.bfloat16,
+                     awq_group: int = 0) -> Path:
+    """Writes a workspace of random weights in cfg's shape (fast: made on the GPU);
+    awq_group > 0: linear layers as random 4-bit AWQ weights with that group size."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     plan = ShardPlan(tp, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
-    method = UnquantizedMethod()
+    method = AWQMethod(awq_group) if awq_group else UnquantizedMethod()
     h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    linears = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+               "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
+               "mlp.down_proj": (inter, h)}
     for r in range(tp):
         rank_dir(dst, r).mkdir(parents=True, exist_ok=True)
     for i in range(cfg.num_layers):
-        shapes = {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-                  "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-                  "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
-                  "mlp.down_proj.weight": (h, inter), "input_layernorm.weight": (h,),
-                  "post_attention_layernorm.weight": (h,)}
+        t = {f"layers.{i}.{n}.{k}": _random_param(shape, pdtype, dev)
+             for n, (fin, fout) in linears.items()
+             for k, (shape, pdtype) in _param_shapes(method, fin, fout, dtype).items()}
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            t[f"layers.{i}.{n}.weight"] = torch.ones(h, device=dev, dtype=dtype)
         if cfg.qkv_bias:
-            shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                           "self_attn.v_proj.bias": (kv,)})
-        t = {f"layers.{i}.{k}": (torch.randn(v, device=dev, dtype=dtype) * 0.02
-                                 if len(v) == 2 or "bias" in k
-                                 else torch.ones(v, device=dev, dtype=dtype))
-             for k, v in shapes.items()}
+            for n, size in (("q", q), ("k", kv), ("v", kv)):
+                t[f"layers.{i}.self_attn.{n}_proj.bias"] = _random_param((size,), dtype, dev)
         for r in range(tp):
             part = {k: v.cpu() for k, v in shard_layer(t, i, plan, method, r).items()}
             save_file(part, rank_dir(dst, r) / f"layer_{i:04d}.safetensors")
@@ -66,20 +69,36 @@ def random_workspace(cfg: ModelConfig, dst: Path, tp: int = 1, dtype=torch.bfloa
                    "lm_head.weight": shard_vocab(head, vocab, tp, r).cpu(),
                    "norm.weight": torch.ones(h, dtype=dtype)},
                   rank_dir(dst, r) / "embed_head.safetensors")
-    (dst / "tokenizer").mkdir(exist_ok=True)
-    write_meta(dst, WorkspaceMeta(model=cfg, model_name="base", tp=tp,
-                                  weight_type=str(dtype).removeprefix("torch."),
-                                  padded_vocab_size=vocab))
+    # the bundled demo model's tokenizer (4096 ids, valid in any of these vocabularies),
+    # so that servers over a random workspace can take text
+    copy_tokenizer(demo_model_path(), dst / "tokenizer")
+    quant = QuantConfig("awq", 4, awq_group) if awq_group else QuantConfig()
+    write_meta(dst, WorkspaceMeta(model=cfg, model_name="auto", tp=tp,
+                                  weight_type="int4" if awq_group else str(dtype).removeprefix("torch."),
+                                  quant=quant, padded_vocab_size=vocab))
     return dst
 
 
-def workspace_for(cfg: ModelConfig, given: str | None) -> Path:
+def _param_shapes(method, fin: int, fout: int, dtype) -> dict:
+    if isinstance(method, AWQMethod):
+        return method.shapes(fin, fout, dtype)
+    return {"weight": ((fout, fin), dtype)}
+
+
+def _random_param(shape, dtype, dev) -> torch.Tensor:
+    if dtype == torch.int32:  # packed nibbles: any bits
+        return torch.randint(-2 ** 31, 2 ** 31 - 1, shape, dtype=torch.int32, device=dev)
+    return torch.randn(shape, device=dev, dtype=dtype) * 0.02
+
+
+def workspace_for(cfg: ModelConfig, given: str | None, tp: int = 1, awq_group: int = 0) -> Path:
     """The --workspace a benchmark was given, else a fresh random one in cfg's shape."""
     import tempfile
 
     if given:
         return Path(given)
-    return random_workspace(cfg, Path(tempfile.mkdtemp(prefix="tpserve-bench-")) / "ws")
+    return random_workspace(cfg, Path(tempfile.mkdtemp(prefix="tpserve-bench-")) / "ws", tp,
+                            awq_group=awq_group)
 
 
 def hf_model(cfg: ModelConfig, dtype=torch.bfloat16):
@@ -106,11 +125,16 @@ def kv_bytes(cfg: ModelConfig, tokens: int, bytes_per_value: float = 2.0) -> flo
     return 2 * cfg.num_layers * cfg.kv_size * bytes_per_value * tokens
 
 
-def weight_bytes(cfg: ModelConfig, bytes_per_weight: float = 2.0) -> float:
+def weight_bytes(cfg: ModelConfig, bytes_per_weight: float = 2.0, awq_group: int = 0) -> float:
+    """Bytes of weights one decode step reads (linear layers at 4 bits plus their
+    scales and zeros when awq_group > 0)."""
     h, inter = cfg.hidden_size, cfg.intermediate_size
     per_layer = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * inter
+    linear = cfg.num_layers * per_layer * bytes_per_weight
+    if awq_group:  # 0.5 byte a weight, a 2-byte scale and a 0.5-byte zero per group
+        linear = cfg.num_layers * per_layer * (0.5 + 2.5 / awq_group)
     # the embedding row read per token is negligible; the LM head is read whole
-    return (cfg.num_layers * per_layer + cfg.vocab_size * h) * bytes_per_weight
+    return linear + cfg.vocab_size * h * bytes_per_weight
 
 
 def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
@@ -145,9 +169,12 @@ def main() -> None:
     p.add_argument("dst")
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--awq-group", type=int, default=0, help="> 0: random 4-bit AWQ weights")
     args = p.parse_args()
     start = time.perf_counter()
-    random_workspace(model_config(args.shape, args.layers), Path(args.dst))
+    random_workspace(model_config(args.shape, args.layers), Path(args.dst), args.tp,
+                     awq_group=args.awq_group)
     print(f"random {args.shape} workspace in {args.dst} ({time.perf_counter() - start:.0f} s)")
 
 

@@ -73,7 +73,13 @@ def main() -> None:
     p.add_argument("--hf-prompts", type=int, default=64, help="baseline runs on a prefix")
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=128)
-    p.add_argument("--quant-policy", type=int, default=0)
+    p.add_argument("--quant-policy", type=int, default=0, help="8: int8 KV cache")
+    p.add_argument("--cache-max-entry-count", type=float, default=0.85,
+                   help="KV cache: fraction of free memory (< 1) or blocks (>= 1); lower it to "
+                        "measure at a KV-bound batch")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--awq-group", type=int, default=0, help="> 0: random 4-bit AWQ weights")
+    p.add_argument("--label", default="tpserve", help="engine name in the table")
     p.add_argument("--workspace", default=None)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", default=None)
@@ -82,15 +88,17 @@ def main() -> None:
     from tpserve.engine.llm import LLM
 
     cfg = model_config(args.shape, args.layers)
-    ws = workspace_for(cfg, args.workspace)
+    ws = workspace_for(cfg, args.workspace, args.tp, args.awq_group)
     reqs = workload(args.num_prompts)
-    llm = LLM(ws, cache_max_entry_count=0.85, session_len=2048,
+    llm = LLM(ws, cache_max_entry_count=args.cache_max_entry_count, session_len=2048,
               max_batch_size=args.max_batch_size, quant_policy=args.quant_policy)
+    blocks = llm.engine.pool.num_blocks
     run_tpserve(llm, workload(4, seed=1))  # warm-up
     secs = run_tpserve(llm, reqs)
     out_tokens = sum(o for _, o in reqs)
-    rows = [dict(engine="tpserve", requests=len(reqs), seconds=secs, req_s=len(reqs) / secs,
-                 out_tok_s=out_tokens / secs)]
+    stats = llm.engine.stats()
+    rows = [dict(engine=args.label, requests=len(reqs), seconds=secs, req_s=len(reqs) / secs,
+                 out_tok_s=out_tokens / secs, kv_blocks=blocks, preemptions=stats.num_preemptions)]
     llm.shutdown()
     del llm
     free_gpu_memory()
@@ -103,11 +111,13 @@ def main() -> None:
                          req_s=len(sub) / secs, out_tok_s=sum(o for _, o in sub) / secs))
     print(f"\n{card()}  shape={args.shape} layers={cfg.num_layers} "
           f"quant_policy={args.quant_policy}")
-    print(f"{'engine':<13}{'reqs':>6}{'req/s':>9}{'out tok/s':>11}{'x HF':>7}")
+    print(f"{'engine':<18}{'reqs':>6}{'req/s':>9}{'out tok/s':>11}{'x HF':>7}"
+          f"{'KV blocks':>10}{'preempt':>8}")
     base = rows[-1]["out_tok_s"] if rows[-1]["engine"] == "transformers" else float("nan")
     for r in rows:
-        print(f"{r['engine']:<13}{r['requests']:>6}{r['req_s']:>9.2f}{r['out_tok_s']:>11.0f}"
-              f"{r['out_tok_s'] / base:>7.2f}")
+        print(f"{r['engine']:<18}{r['requests']:>6}{r['req_s']:>9.2f}{r['out_tok_s']:>11.0f}"
+              f"{r['out_tok_s'] / base:>7.2f}{r.get('kv_blocks', ''):>10}"
+              f"{r.get('preemptions', ''):>8}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card(), rows=rows), indent=2))
 

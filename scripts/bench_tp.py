@@ -1,36 +1,25 @@
-"""Per-step cost of the tensor-parallel executor: how a step's batch reaches the ranks.
+"""Where a tensor-parallel decode step spends its time.
 
-    python3 scripts/bench_tp.py --tp 2 --steps 200 [--model HF_FOLDER] [--device cpu]
+    python3 scripts/bench_tp.py --tp 2 [--batch 1] [--hidden 4096 --layers 4] [--eager-mode]
 
-"broadcast" (what RayExecutor does): one Ray call to rank 0, which sends the
-batch to the other ranks over the gloo control group. "fan-out": ray.put the
-batch once and call every rank with the same ObjectRef. Both drive the same
-actors on a random Llama (or --model) with decode batches of --batch requests.
+Times, on a random Llama: the executor's step as the engine sees it (one Ray
+call to rank 0, which broadcasts the batch, runs and samples), and inside rank
+0 the batch broadcast, the forward + sampling, and the copy back; then the same
+model at tp=1 in this process.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
 
-
-def random_llama(folder: Path, hidden: int, layers: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
-
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 32,
-                      num_key_value_heads=2, max_position_embeddings=4096)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(1024)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                            eos_token="t1").save_pretrained(folder)
-    return folder
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import model_config, random_workspace  # noqa: E402
 
 
 def decode_batch(batch_size: int, context: int, block_size: int):
@@ -41,8 +30,18 @@ def decode_batch(batch_size: int, context: int, block_size: int):
     return ForwardBatch.build([[7]] * batch_size, [context] * batch_size, tables, block_size)
 
 
+def greedy_rows(n: int):
+    from tpserve.engine.request import Request
+    from tpserve.engine.sampler import SamplingBatch
+    from tpserve.engine.sampling_params import SamplingParams
+
+    rows = [Request.new(f"r{i}", [7], SamplingParams(temperature=0)) for i in range(n)]
+    return SamplingBatch.build(rows, 1 << 30)
+
+
 def timed(fn, steps: int) -> float:
-    fn()
+    for _ in range(3):
+        fn()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
@@ -52,48 +51,47 @@ def timed(fn, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tp", type=int, default=2)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--context", type=int, default=100)
-    p.add_argument("--model", help="a Hugging Face folder (default: a random Llama)")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=200)
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--eager-mode", action="store_true")
     p.add_argument("--device", default="auto")
-    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
 
+    import ray
+
     from tpserve.engine.config import EngineConfig
-    from tpserve.engine.convert import convert
     from tpserve.engine.model_runner import ModelRunner
     from tpserve.engine.workspace import read_meta
     from tpserve.parallel.executor import RayExecutor
 
+    cfg = model_config(args.shape, args.layers)
     tmp = Path(tempfile.mkdtemp(prefix="bench_tp-"))
-    src = Path(args.model) if args.model else random_llama(tmp / "hf", args.hidden, args.layers)
-    ws = convert("llama2", src, tmp / "ws", tp=args.tp, progress=False)
-    blocks = args.batch * (-(-(args.context + 1) // 16))
-    config = EngineConfig(cache_max_entry_count=blocks, cache_block_seq_len=16, device=args.device)
+    config = EngineConfig(cache_max_entry_count=256, cache_block_seq_len=64, device=args.device,
+                          eager_mode=args.eager_mode, max_batch_size=max(8, args.batch))
+    batch = decode_batch(args.batch, args.context, 64)
+    sampling = greedy_rows(args.batch)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    ws = random_workspace(cfg, tmp / f"tp{args.tp}", args.tp)
     ex = RayExecutor(args.tp, functools.partial(ModelRunner, ws, read_meta(ws), config),
                      device=args.device)
-    batch = decode_batch(args.batch, args.context, 16)
-
-    def fan_out() -> torch.Tensor:
-        ref = ray.put(batch)
-        return ray.get([w.step.remote(ref) for w in ex.workers])[0]
-
-    broadcast, fanned = [], []
-    for _ in range(args.rounds):  # alternate, so both see the same machine load
-        broadcast.append(timed(lambda: ex.execute(batch), args.steps))
-        ray.get(ex.workers[0].stop.remote())  # free ranks 1.. from their loops
-        ray.wait(ex._loops, num_returns=len(ex._loops))
-        fanned.append(timed(fan_out, args.steps))
-        ex._loops = [w.serve.remote() for w in ex.workers[1:]]
-    broadcast, fanned = min(broadcast), min(fanned)
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"tp={args.tp} batch={args.batch} context={args.context} ({card}): "
-          f"broadcast {broadcast:.2f} ms/step, fan-out {fanned:.2f} ms/step")
-    ex._dead = "benchmark over"
+    total = timed(lambda: ex.step(batch, sampling), args.steps)
+    parts = ray.get(ex.workers[0].time_steps.remote(batch, sampling, args.steps))
     ex.shutdown()
+    ws1 = random_workspace(cfg, tmp / "tp1", 1)
+    runner = ModelRunner(ws1, read_meta(ws1), config)
+
+    def local():
+        runner.step(batch, sampling).token_ids.tolist()
+
+    tp1 = timed(local, args.steps)
+    print(f"{card}: {args.shape} x{args.layers} layers, batch {args.batch}, "
+          f"{'CUDA graphs' if torch.cuda.is_available() and not args.eager_mode else 'eager'}")
+    print(f"tp=1 in process: {tp1:.3f} ms/step")
+    print(f"tp={args.tp} via Ray:   {total:.3f} ms/step; inside rank 0: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
 
 
 if __name__ == "__main__":

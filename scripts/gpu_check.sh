@@ -1,7 +1,20 @@
 #!/usr/bin/env bash
-# One GPU session's work: GPU tests, then the kernel, latency and throughput
-# benchmarks on the Llama-3-8B shape; a short table of each is printed last.
-# Logs go to $OUT (or ./gpu_logs).
+# GPU tests and benchmarks in one go; the tables of each part are printed last.
+#
+#   scripts/gpu_check.sh [PART ...]     (default: tests kernels latency throughput)
+#
+# Parts: tests      GPU tests (tests/gpu; the tensor-parallel ones need 2+ GPUs and Ray)
+#        kernels    kernel benchmarks
+#        latency    batch-1/8 decode on the Llama-3-8B shape, CUDA graphs vs eager vs transformers
+#        throughput ShareGPT-like requests on the Llama-3-8B shape vs transformers
+#        w4a16      decode with random 4-bit AWQ weights (Llama-3-8B shape) vs bf16
+#        kvint8     int8 vs bf16 KV cache at a KV-bound batch (Llama-2-7B shape)
+#        tp         tp=1/2/4 batch-1 decode on the Llama-3-8B shape (as many GPUs as there are)
+#        serving    bench_serving.py through the Ray Serve app vs the in-process engine
+#        clean      remove the random workspaces ($BENCH_DIR, default /tmp/tpserve-bench)
+#
+# Logs go to $OUT (or ./gpu_logs). A machine without network can get Ray from a
+# tarball of site-packages at .raysite/ray-site.tar.xz (extracted to /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_logs}
@@ -13,16 +26,81 @@ if ! python3 -c "import tpserve.engine" 2>/dev/null; then
   mkdir -p /tmp/tpserve-path && ln -sfn "$PWD" /tmp/tpserve-path/tpserve
   export PYTHONPATH=/tmp/tpserve-path:${PYTHONPATH:-}
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m pytest tests/gpu -q -x 2>&1 | tee "$out/gpu_tests.log" | tail -3
-python3 scripts/bench_kernels.py 2>&1 | tee "$out/bench_kernels.log" | tail -25
-# one random workspace (16 GB) shared by both benchmarks, removed at the end
-ws=$(mktemp -d /tmp/tpserve-bench-XXXXXX)/ws
-trap 'rm -rf "$(dirname "$ws")"' EXIT
-ws_args=()
-python3 scripts/bench_common.py "$ws" --shape llama3-8b 2>&1 | tee "$out/workspace.log" | tail -2 &&
-  ws_args=(--workspace "$ws")
-python3 scripts/bench_latency.py --shape llama3-8b --batch 1 8 --out-len 128 "${ws_args[@]}" \
-  --json "$out/latency.json" 2>&1 | tee "$out/bench_latency.log" | tail -8
-python3 scripts/bench_throughput.py --shape llama3-8b --num-prompts 256 --hf-prompts 32 \
-  "${ws_args[@]}" --json "$out/throughput.json" 2>&1 | tee "$out/bench_throughput.log" | tail -5
+if ! python3 -c "import ray" 2>/dev/null && [ -f .raysite/ray-site.tar.xz ]; then
+  mkdir -p /tmp/site && tar -xJf .raysite/ray-site.tar.xz -C /tmp/site
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
+fi
+export PYTHONPATH=$PWD/scripts:${PYTHONPATH:-}
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests kernels latency throughput)
+gpus=$(nvidia-smi -L | wc -l)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
+echo "$gpus GPU(s)"
+
+# random workspaces (16 GB each) are kept here between calls; `clean` removes them
+scratch=${BENCH_DIR:-/tmp/tpserve-bench}
+mkdir -p "$scratch"
+workspace() {  # workspace NAME ARGS...: a random workspace, made once
+  local ws="$scratch/$1"; shift
+  [ -d "$ws" ] || python3 scripts/bench_common.py "$ws" "$@" > "$out/ws_$(basename "$ws").log" 2>&1
+  echo "$ws"
+}
+summary=()
+note() { summary+=("$1"); }
+
+for part in "${parts[@]}"; do
+  echo "=== $part"
+  case $part in
+  tests)
+    python3 -m pytest tests/gpu -q -rs 2>&1 | tee "$out/gpu_tests.log" | tail -8
+    note "tests: $(tail -1 "$out/gpu_tests.log")";;
+  kernels)
+    python3 scripts/bench_kernels.py 2>&1 | tee "$out/bench_kernels.log" | tail -40;;
+  clean)
+    rm -rf "$scratch";;
+  latency)
+    ws=$(workspace l3 --shape llama3-8b)
+    python3 scripts/bench_latency.py --workspace "$ws" --batch 1 8 --out-len 128 --label eager \
+      --eager-mode --no-baseline --json "$out/latency_eager.json" 2>&1 | tail -4
+    python3 scripts/bench_latency.py --workspace "$ws" --batch 1 8 --out-len 128 \
+      --json "$out/latency.json" 2>&1 | tee "$out/bench_latency.log" | tail -7;;
+  throughput)
+    ws=$(workspace l3 --shape llama3-8b)
+    python3 scripts/bench_throughput.py --workspace "$ws" --num-prompts 256 --hf-prompts 32 \
+      --json "$out/throughput.json" 2>&1 | tee "$out/bench_throughput.log" | tail -5;;
+  w4a16)
+    ws=$(workspace l3 --shape llama3-8b)
+    awq=$(workspace l3awq --shape llama3-8b --awq-group 128)
+    python3 scripts/bench_latency.py --workspace "$ws" --batch 1 8 64 --out-len 128 --label bf16 \
+      --no-baseline --json "$out/latency_bf16.json" 2>&1 | tail -5
+    python3 scripts/bench_latency.py --workspace "$awq" --awq-group 128 --batch 1 8 64 \
+      --out-len 128 --label w4a16 --no-baseline --json "$out/latency_w4a16.json" 2>&1 | tail -5;;
+  kvint8)
+    ws=$(workspace l2 --shape llama2-7b)
+    # a KV budget of ~20 GB whatever the card, so that the batch is bound by the cache
+    frac=$(python3 -c "import torch; f,_=torch.cuda.mem_get_info(); print(round(20e9/(f-14e9),3))")
+    for qp in 0 8; do
+      python3 scripts/bench_throughput.py --shape llama2-7b --workspace "$ws" --num-prompts 512 \
+        --max-batch-size 512 --cache-max-entry-count "$frac" --quant-policy $qp \
+        --label "kv quant_policy=$qp" --no-baseline --json "$out/kv$qp.json" 2>&1 | tail -3
+    done;;
+  tp)
+    ws1=$(workspace l3 --shape llama3-8b)
+    python3 scripts/bench_latency.py --workspace "$ws1" --batch 1 8 --out-len 128 --label tp=1 \
+      --no-baseline --json "$out/tp1.json" 2>&1 | tail -4
+    for tp in 2 4; do
+      [ "$gpus" -ge $tp ] || continue
+      ws=$(workspace l3tp$tp --shape llama3-8b --tp $tp)
+      python3 scripts/bench_latency.py --workspace "$ws" --tp $tp --batch 1 8 --out-len 128 \
+        --label tp=$tp --no-baseline --json "$out/tp$tp.json" 2>&1 | tail -4
+    done
+    python3 scripts/bench_tp.py --tp 2 2>&1 | tail -3;;
+  serving)
+    ws=$(workspace l3 --shape llama3-8b)
+    python3 scripts/bench_serving_compare.py --workspace "$ws" --json "$out/serving.json" 2>&1 \
+      | tee "$out/bench_serving.log" | tail -12;;
+  *) echo "unknown part $part";;
+  esac
+done
+echo "=== summary"
+printf '%s\n' "${summary[@]}"
