@@ -4,13 +4,18 @@ Ray Serve's `@serve.ingress` wants FastAPI, so the replica's `__call__` hands
 every HTTP request to the starlette app instead: it returns a Response whose
 ASGI call runs the app on the request's own scope/receive/send. Streams,
 status codes and client disconnects then behave exactly as under uvicorn.
+
+If the engine's tensor-parallel worker processes die, the replica rebuilds its
+engine itself (see `ServingEngine`); `check_health` fails only when that rebuild
+fails (or, at tp = 1, once the engine died), and Ray Serve then replaces the replica.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -28,13 +33,37 @@ EngineFactory = Callable[[ServeConfig], ServingEngine]
 
 
 def llm_engine_factory(config: ServeConfig) -> ServingEngine:
-    """The default: the tpserve engine in this process (tp ranks as its executor places them)."""
+    """The default: the tpserve engine in this process (tp ranks as its executor places them).
+    With tp > 1 an engine whose worker processes die is rebuilt from the same workspace and
+    options; with tp = 1 a failed step may have left this process's device state broken,
+    so the engine stays dead and Ray Serve replaces the replica."""
     from tpserve.engine.llm import LLM
 
     options = dict(config.engine_options)
     options.setdefault("max_batch_size", config.instance_num)
     llm = LLM(config.model, tp=config.tp, model_name=config.model_name, **options)
-    return from_llm(llm, served_model_id(config, llm.model_name))
+    # the workspace, not config.model: a Hugging Face model is not converted again
+    make_llm = functools.partial(LLM, llm.workspace, tp=config.tp, model_name=config.model_name,
+                                 **options)
+    rebuild = LLMRebuilder(llm, make_llm) if llm.meta.tp > 1 else None
+    return from_llm(llm, served_model_id(config, llm.model_name), rebuild)
+
+
+class LLMRebuilder:
+    """The serving engine's `rebuild` for an LLM: shuts the dead one down (its executor
+    and worker processes), then builds another; runs in a worker thread."""
+
+    def __init__(self, llm: Any, make_llm: Callable[[], Any]) -> None:
+        self.llm = llm  # the current one
+        self.make_llm = make_llm
+
+    def __call__(self) -> Any:
+        try:
+            self.llm.shutdown()
+        except Exception:  # noqa: BLE001 - a dead executor may fail to stop; it is replaced anyway
+            logger.warning("shutting the dead engine down failed", exc_info=True)
+        self.llm = self.make_llm()
+        return self.llm.async_engine()
 
 
 def served_model_id(config: ServeConfig, template_name: str | None) -> str:

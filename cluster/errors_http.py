@@ -37,9 +37,11 @@ class APIError(Exception):
     """An error the client caused or must handle; carries its HTTP status."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type_: str | None = None) -> None:
+                 code: str | None = None, type_: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after  # seconds, sent as Retry-After
         self.message = message
         self.param = param
         self.code = code
@@ -95,8 +97,12 @@ def to_api_error(exc: Exception) -> APIError:
 
 def error_response(exc: Exception) -> JSONResponse:
     err = to_api_error(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    headers = {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
+    return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
 
 
 async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
