@@ -29,10 +29,18 @@ def add_parser(sub) -> None:
     _calib_flags(p)
     p.add_argument("--w-bits", type=int, default=4, choices=(4,))
     p.add_argument("--w-group-size", type=int, default=128)
+    p.add_argument("--w-method", default="awq", choices=("awq", "rtn"),
+                   help="awq: activation-aware scales (and --clip) from the calibration data; "
+                        "rtn: plain group-wise round-to-nearest of the weights as they are (no "
+                        "calibration data, no scales, no clipping), the baseline AWQ improves on. "
+                        "Both write the same checkpoint format")
     p.add_argument("--search-scale", type=str2bool, nargs="?", const=True, default=True,
                    help="search the AWQ ratio grid (False: LMDeploy 0.1.0's fixed exponent 0.5)")
     p.add_argument("--clip", type=str2bool, nargs="?", const=True, default=False,
                    help="also search per-group clipping")
+    p.add_argument("--eval-ppl", type=str2bool, nargs="?", const=True, default=True,
+                   help="print float vs 4-bit perplexity on the last tenth of the calibration "
+                        "documents, which calibration never sees (False: skip it)")
     p.set_defaults(run=run_auto_awq)
 
     p = jobs.add_parser("ppl", help="perplexity of a model or workspace on a dataset")
@@ -112,8 +120,10 @@ def run_auto_awq(args: argparse.Namespace) -> int:
                    w_group_size=args.w_group_size, calib_dataset=args.calib_dataset,
                    calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                    search_scale=args.search_scale, clip=args.clip, num_workers=args.num_workers,
-                   ray_address=args.ray_address, device=args.device)
-    print(f"AWQ checkpoint written to {out}; next: tpserve convert MODEL_NAME {out} "
+                   ray_address=args.ray_address, device=args.device, w_method=args.w_method,
+                   eval_ppl=args.eval_ppl)
+    kind = "AWQ" if args.w_method == "awq" else "round-to-nearest"
+    print(f"{kind} 4-bit checkpoint written to {out}; next: tpserve convert MODEL_NAME {out} "
           f"--model-format awq --group-size {args.w_group_size}")
     return 0
 

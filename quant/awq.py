@@ -1,16 +1,22 @@
-"""`lite auto_awq`: activation-aware 4-bit weight quantization of a Hugging Face model.
+"""`lite auto_awq`: 4-bit weight quantization of a Hugging Face model, AWQ or round-to-nearest.
 
-The decoder layers are processed in order. Layer ``i`` sees the hidden states
-the full-precision model produces at its input on the calibration windows
-(as in AutoAWQ: folding scales does not change a layer's float output, and
-its output is taken before clipping). For each layer: record the inputs of
-its linears, search the AWQ scales (``awq_search``), fold them into the
-preceding norms/linears, optionally search weight clipping, quantize every
-linear group-wise and save the layer's checkpoint tensors under
-``work_dir/awq_layers/``. A re-run with the same ``work_dir`` and settings
-skips finished layers (it only replays their float forward). At the end the
-Hugging Face AWQ checkpoint is written into ``work_dir`` (``awq_export``);
-``awq_layers/`` may then be deleted.
+With ``w_method="awq"`` the decoder layers are processed in order. Layer
+``i`` sees the hidden states the full-precision model produces at its input
+on the calibration windows (as in AutoAWQ: folding scales does not change a
+layer's float output, and its output is taken before clipping). For each
+layer: record the inputs of its linears, search the AWQ scales
+(``awq_search``), fold them into the preceding norms/linears, optionally
+search weight clipping, quantize every linear group-wise and save the layer's
+checkpoint tensors under ``work_dir/awq_layers/``. ``w_method="rtn"`` skips
+the calibration and quantizes the weights as they are (plain group-wise
+round-to-nearest), the baseline AWQ is measured against.
+
+A re-run with the same ``work_dir`` and settings skips finished layers (it
+only replays their float forward). At the end the Hugging Face AWQ checkpoint
+is written into ``work_dir`` (``awq_export``); ``awq_layers/`` may then be
+deleted. Then, unless ``eval_ppl=False``, the float and the quantized model's
+perplexity on calibration documents held out of the calibration
+(``awq_eval``) are printed.
 
 The searches of one layer's four linear groups are independent: with
 ``num_workers > 1`` (or a ``ray_address``) they run as Ray tasks.
@@ -20,33 +26,37 @@ import contextlib
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from tpserve.engine.errors import ConfigError
 from tpserve.quant import awq_layer, hf_model
+from tpserve.quant.awq_eval import heldout_perplexity, heldout_windows, split_heldout
 from tpserve.quant.awq_export import write_awq_checkpoint
-from tpserve.quant.awq_layer import AwqSettings, FeatureRecorder, sample_positions
+from tpserve.quant.awq_layer import AwqSettings, FeatureRecorder, layer_tensors, sample_positions
 from tpserve.quant.datasets import calib_windows, load_calib_texts
+from tpserve.quant.layer_stream import first_layer_inputs, layer_forward
 from tpserve.quant.layer_store import LayerStore
 from tpserve.quant.pack import PACK_FACTOR
 from tpserve.quant.ray_tasks import RayMapper, cluster_has_gpus, ray_session
 
+__all__ = ["auto_awq", "first_layer_inputs", "layer_forward", "W_METHODS"]
+
 SEARCH_TOKENS = 8192  # calibration tokens (sampled evenly per window) that feed the searches
-BATCH_TOKENS = 16384  # tokens per layer forward call
+W_METHODS = ("awq", "rtn")
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _check_settings(w_bits: int, w_group_size: int, num_workers: int) -> None:
+def _check_settings(w_bits: int, w_group_size: int, num_workers: int, w_method: str, clip: bool) -> None:
     if w_bits != 4:
         raise ConfigError(f"--w-bits {w_bits} is not supported; the AWQ GEMM format stores 4-bit weights")
     if w_group_size <= 0:
         raise ConfigError(f"--w-group-size must be positive, got {w_group_size}")
     if num_workers < 1:
         raise ConfigError(f"--num-workers must be >= 1, got {num_workers}")
+    if w_method not in W_METHODS:
+        raise ConfigError(f"--w-method must be one of {', '.join(W_METHODS)}, got {w_method!r}")
+    if w_method == "rtn" and clip:
+        raise ConfigError("--clip searches clipping with calibration data; it needs --w-method awq")
 
 
 def _check_shapes(model: nn.Module, group_size: int) -> None:
@@ -61,42 +71,6 @@ def _check_shapes(model: nn.Module, group_size: int) -> None:
                 f"{rel} has {linear.out_features} outputs, not a multiple of {PACK_FACTOR}; "
                 "the AWQ format cannot pack it"
             )
-
-
-@torch.no_grad()
-def first_layer_inputs(model: nn.Module, windows: Tensor, dev: torch.device) -> tuple[Tensor, dict]:
-    """Hidden states entering layer 0 (``[n, seqlen, hidden]``) and the keyword args it receives."""
-    base, layers = model.model, hf_model.decoder_layers(model)
-    hidden, layer_kwargs = [], {}
-
-    def grab(_m, args, kwargs):
-        hidden.append(args[0] if args else kwargs["hidden_states"])
-        layer_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    base.embed_tokens.to(dev)
-    base.rotary_emb.to(dev)
-    try:
-        for ids in windows:
-            with contextlib.suppress(_StopForward):
-                base(input_ids=ids[None].to(dev), use_cache=False)
-    finally:
-        handle.remove()
-        base.embed_tokens.cpu()
-        base.rotary_emb.cpu()
-    return torch.cat(hidden), layer_kwargs
-
-
-@torch.no_grad()
-def layer_forward(layer: nn.Module, inps: Tensor, kwargs: dict) -> Tensor:
-    """The layer applied to every window; the kwargs (batch 1) broadcast over the batch."""
-    outs = torch.empty_like(inps)
-    batch = max(1, BATCH_TOKENS // inps.shape[1])
-    for b in range(0, inps.shape[0], batch):
-        out = layer(inps[b:b + batch], **kwargs)
-        outs[b:b + batch] = out[0] if isinstance(out, tuple) else out
-    return outs
 
 
 @contextlib.contextmanager
@@ -130,6 +104,30 @@ def _run_layers(model, windows, dev, store: LayerStore, settings: AwqSettings, o
         layers[i].cpu()
 
 
+def _rtn_layers(model, dev, store: LayerStore, settings: AwqSettings, out_dtype) -> None:
+    for i, layer in enumerate(tqdm(hf_model.decoder_layers(model), desc="rtn layers")):
+        if not store.done(i):
+            store.save(i, layer_tensors(layer.to(dev), f"model.layers.{i}", settings, out_dtype))
+            layer.cpu()
+
+
+def _report_heldout(model_path: str, texts: list[str] | None, calib_dataset: str, seqlen: int,
+                    layer_files: list[Path], dev: torch.device, bits: int) -> None:
+    """Print the held-out perplexity line, or why there is none."""
+    if texts is None:
+        try:
+            texts = load_calib_texts(calib_dataset)
+        except ConfigError as exc:
+            print(f"held-out perplexity skipped: {exc}")
+            return
+    windows = heldout_windows(split_heldout(texts)[1], hf_model.load_tokenizer(model_path), seqlen)
+    if windows is None:
+        print(f"held-out perplexity skipped: the held-out calibration documents hold fewer than "
+              f"{seqlen} tokens; use more calibration text or a smaller --calib-seqlen")
+        return
+    print(heldout_perplexity(model_path, layer_files, windows, dev).line(bits))
+
+
 def auto_awq(
     model_path: str,
     work_dir: str,
@@ -143,13 +141,18 @@ def auto_awq(
     num_workers: int = 1,
     ray_address: str | None = None,
     device: str = "auto",
+    w_method: str = "awq",
+    eval_ppl: bool = True,
 ) -> str:
-    """Quantize ``model_path`` with AWQ and write the AWQ checkpoint into ``work_dir``; returns it.
+    """Quantize ``model_path`` and write the AWQ checkpoint into ``work_dir``; returns it.
 
     ``search_scale=False`` is LMDeploy 0.1.0's fast mode (r = 0.5 on the
-    activation absmax, no search); ``clip`` adds the clipping search.
+    activation absmax, no search); ``clip`` adds the clipping search;
+    ``w_method="rtn"`` is plain round-to-nearest (no scales, no clipping, no
+    calibration data). The last tenth of the calibration documents is kept
+    out of calibration; ``eval_ppl`` prints perplexity on it.
     """
-    _check_settings(w_bits, w_group_size, num_workers)
+    _check_settings(w_bits, w_group_size, num_workers, w_method, clip)
     config = hf_model.read_hf_config(model_path)
     hf_model.check_family(config, model_path)
     hf_model.check_float_checkpoint(config, model_path)
@@ -159,16 +162,24 @@ def auto_awq(
     settings = AwqSettings(w_bits, w_group_size, search_scale, clip)
     n_layers = len(hf_model.decoder_layers(model))
     job = {
-        "model": str(Path(model_path).resolve()), "w_bits": w_bits, "w_group_size": w_group_size,
-        "calib_dataset": calib_dataset, "calib_samples": calib_samples, "calib_seqlen": calib_seqlen,
-        "search_scale": search_scale, "clip": clip, "num_layers": n_layers,
+        "model": str(Path(model_path).resolve()), "w_method": w_method, "w_bits": w_bits,
+        "w_group_size": w_group_size, "calib_dataset": calib_dataset, "calib_samples": calib_samples,
+        "calib_seqlen": calib_seqlen, "search_scale": search_scale, "clip": clip, "num_layers": n_layers,
     }
     store = LayerStore(work_dir, job)
     out_dtype = hf_model.checkpoint_dtype(config)
-    if not all(store.done(i) for i in range(n_layers)):
+    texts = None
+    if w_method == "rtn":
+        _rtn_layers(model, dev, store, settings, out_dtype)
+    elif not all(store.done(i) for i in range(n_layers)):
+        texts = load_calib_texts(calib_dataset)
         tokenizer = hf_model.load_tokenizer(model_path)
-        windows = calib_windows(load_calib_texts(calib_dataset), tokenizer, calib_samples, calib_seqlen)
+        windows = calib_windows(split_heldout(texts)[0], tokenizer, calib_samples, calib_seqlen)
         with _search_mapper(num_workers, ray_address, dev) as mapper:
             _run_layers(model, windows, dev, store, settings, out_dtype, mapper)
     layer_files = [store.path(i) for i in range(n_layers)]
-    return write_awq_checkpoint(model, model_path, work_dir, layer_files, settings, config, out_dtype)
+    out = write_awq_checkpoint(model, model_path, work_dir, layer_files, settings, config, out_dtype)
+    del model  # the held-out check loads a fresh float copy
+    if eval_ppl:
+        _report_heldout(model_path, texts, calib_dataset, calib_seqlen, layer_files, dev, w_bits)
+    return out
