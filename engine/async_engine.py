@@ -45,8 +45,13 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    """health_check_period_s: while idle, the loop asks the runner's `check_health`
+    (a tensor-parallel executor's: are all ranks alive?) this often, so a rank that
+    dies between requests stops the engine before the next request finds it."""
+
+    def __init__(self, engine: LLMEngine, health_check_period_s: float = 5.0) -> None:
         self.engine = engine
+        self.health_check_period_s = health_check_period_s
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # per sample id; owned by the engine thread
         self._lock = threading.Lock()  # orders submissions against the loop's death
@@ -157,8 +162,13 @@ class AsyncLLMEngine:
     def _run_commands(self, block: bool) -> bool:
         """Runs queued commands (waiting for one when idle); False once shutdown is asked."""
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get(block=block, timeout=self.health_check_period_s
+                                         if block else None)
         except queue.Empty:
+            if block:  # idle: a dead rank raises here and stops the loop
+                check = getattr(self.engine.runner, "check_health", None)
+                if check is not None:
+                    check()
             return True
         while True:
             if command is _SHUTDOWN:

@@ -332,6 +332,31 @@ def test_async_loop_errors_reach_waiting_requests():
     asyncio.run(main())
 
 
+def test_idle_loop_notices_a_dead_rank():
+    """A runner whose check_health fails while no request runs stops the engine."""
+    async def main():
+        inner = make_engine()
+        inner.runner.check_health = lambda: None
+        engine = AsyncLLMEngine(inner, health_check_period_s=0.02)
+        assert (await collect(engine, "a", [1, 2], greedy(3)))[-1].token_ids == reference([1, 2], 3)
+        await asyncio.sleep(0.1)
+        assert engine.is_running  # healthy while idle
+
+        def dead():
+            raise RuntimeError("rank 1 died")
+
+        inner.runner.check_health = dead
+        for _ in range(100):
+            if not engine.is_running:
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(EngineDeadError, match="rank 1 died"):
+            await engine.check_health()
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
 def test_async_sessions_and_n():
     async def main():
         engine = AsyncLLMEngine(make_engine())
