@@ -7,6 +7,7 @@
 
 `runner_factory(rank, group)` is called inside each actor once its process
 group is up (the engine passes `functools.partial(ModelRunner, ws, meta, cfg)`).
+Steps go to rank 0 over a TCP socket (step_socket.py), not as Ray calls.
 The actors go into the caller's placement group when there is one (a Ray
 Serve replica's), else into one this executor reserves (tp bundles,
 STRICT_PACK). A rank that dies fails the step at once and marks the executor
@@ -25,6 +26,7 @@ from ray.util.placement_group import (PlacementGroup, get_current_placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .process_group import HANG_HINT
+from .step_socket import StepClient
 from .worker import RunnerFactory, TPWorker
 
 
@@ -48,7 +50,8 @@ class RayExecutor:
         self.step_timeout_s = step_timeout_s
         self.device = torch.device("cpu")  # where `execute` returns the logits
         self._dead: str | None = None
-        self._loops: list[ray.ObjectRef] = []
+        self._loops: list[ray.ObjectRef] = []  # rank r's serving task at index r
+        self._client: StepClient | None = None
         self._pg, self._own_pg = _placement(tp, self.use_gpu, placement_group, placement_timeout_s)
         self.workers = [_spawn(rank, tp, self.use_gpu, self._pg) for rank in range(tp)]
         try:
@@ -66,7 +69,15 @@ class RayExecutor:
                           timeout_s, f"joining the group at {addr}:{port} and loading the model")
         if any(i != infos[0] for i in infos):
             raise ExecutorDeadError(f"the ranks disagree on the cache layout: {infos}")
-        self._loops = [w.serve.remote() for w in self.workers[1:]]
+        host, port, token = self._get([rank0.open_step_server.remote()], timeout_s,
+                                      "opening the step socket")[0]
+        self._loops = [rank0.serve_steps.remote(timeout_s)]
+        self._loops += [w.serve.remote() for w in self.workers[1:]]
+        try:
+            self._client = StepClient(host, port, token, timeout_s)
+        except OSError as exc:
+            raise ExecutorDeadError(f"cannot connect to rank 0's step socket at {host}:{port} "
+                                    f"({exc}); {HANG_HINT}") from None
         return infos[0]
 
     def _get(self, refs: list[ray.ObjectRef], timeout_s: float, what: str) -> list:
@@ -95,17 +106,23 @@ class RayExecutor:
         return self._call("step", batch, sampling)
 
     def _call(self, method: str, *args):
-        """Calls rank 0's `method`; fails at once if any rank dies meanwhile."""
+        """Runs rank 0's `method`; fails at once if any rank dies meanwhile."""
         self.check_health()
-        ref = getattr(self.workers[0], method).remote(*args)
-        ready, _ = ray.wait([ref, *self._loops], num_returns=1, timeout=self.step_timeout_s)
-        if ref not in ready:
-            self._fail(self._loop_failure(ready) or
-                       f"a step took longer than {self.step_timeout_s:.0f} s; a rank hangs")
         try:
-            return ray.get(ref)
-        except RayError as exc:
-            self._fail(f"rank 0 failed a step: {exc}")
+            return self._client.call(method, args, self._while_waiting)
+        except ExecutorDeadError:
+            raise
+        except (OSError, EOFError) as exc:  # rank 0's process is gone
+            self._fail(self._loop_failure(self._loops) or f"rank 0 closed its step socket: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a failed step leaves the ranks out of step
+            self._fail(f"rank 0 failed a step: {exc!r}")
+
+    def _while_waiting(self, waited_s: float) -> None:
+        ready, _ = ray.wait(self._loops, num_returns=1, timeout=0)
+        if ready:
+            self._fail(self._loop_failure(ready))
+        if waited_s > self.step_timeout_s:
+            self._fail(f"a step took longer than {self.step_timeout_s:.0f} s; a rank hangs")
 
     def check_health(self) -> None:
         """Raises ExecutorDeadError when a rank has died (now or earlier)."""
@@ -119,7 +136,9 @@ class RayExecutor:
     def _loop_failure(self, ready: list[ray.ObjectRef]) -> str | None:
         for ref in ready:
             if ref in self._loops:
-                rank = self._loops.index(ref) + 1
+                rank = self._loops.index(ref)
+                if not ray.wait([ref], timeout=1)[0]:
+                    continue  # still serving
                 try:
                     ray.get(ref)
                     return f"rank {rank} stopped serving steps"
@@ -134,22 +153,30 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         """Stops the ranks' loops, then ends the actors and frees their resources."""
-        if self._dead is None and self.workers:
+        if self._dead is None and self.workers and self._client is not None:
             try:
-                ray.get(self.workers[0].stop.remote(), timeout=10)
+                self._client.call("stop", (), lambda waited: _give_up_after(waited, 10))
                 ray.wait(self._loops, num_returns=len(self._loops), timeout=10)
-            except RayError:
+            except (RayError, OSError, EOFError, TimeoutError):
                 pass
             self._dead = "the executor was shut down"
         self._kill()
 
     def _kill(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
         self.workers = []
         if self._own_pg and self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
+
+
+def _give_up_after(waited_s: float, limit_s: float) -> None:
+    if waited_s >= limit_s:
+        raise TimeoutError(f"no answer within {limit_s:.0f} s")
 
 
 def _ensure_ray(tp: int) -> None:

@@ -1,11 +1,11 @@
 """One tensor-parallel rank in its own process (a Ray actor): its group and its runner.
 
-Rank 0 is driven by the executor (`step`, one Ray call a step) and
-broadcasts each step's batch to the other ranks over the gloo control group;
-ranks 1.. sit in `serve` (`while batch := recv(): runner.execute(batch)`), so a
-step costs one Ray call whatever the tp. Rank 0 also samples, so only the
-sampled token ids (and any logprobs) travel back, not [S, vocab] logits. The
-alternative, `ray.put` once and call every
+Rank 0 is driven by the executor over a TCP socket (`serve_steps`, see
+step_socket.py: a Ray call a step cost milliseconds) and broadcasts each
+step's batch to the other ranks over the gloo control group; ranks 1.. sit in
+`serve` (`while batch := recv(): runner.execute(batch)`). Rank 0 also samples,
+so only the sampled token ids (and any logprobs) travel back, not [S, vocab]
+logits. The alternative, `ray.put` once and call every
 rank with that ObjectRef, was 1-2 ms a step slower for a tiny Llama at tp=2 on
 CPU (scripts/bench_tp.py) and puts tp Ray calls on every step.
 """
@@ -19,6 +19,7 @@ import torch
 
 from .comm import TPGroup
 from .process_group import BatchChannel, init_tp_group, open_store, set_worker_env
+from .step_socket import StepServer
 
 
 class Runner(Protocol):
@@ -47,6 +48,7 @@ class TPWorker:
         if use_gpu:  # before CUDA starts in this process
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(int(i)) for i in ray.get_gpu_ids())
         self._store = None
+        self._steps: StepServer | None = None
         self.channel: BatchChannel | None = None
         self.runner: Runner | None = None
 
@@ -101,6 +103,21 @@ class TPWorker:
                 parts[key] += dt * 1e3 / steps
         return parts
 
+    def open_step_server(self) -> tuple[str, int, str]:
+        """Rank 0: listens for the engine's step connection; (address, port, token)."""
+        host = ray.util.get_node_ip_address()
+        self._steps = StepServer(host)
+        return host, self._steps.port, self._steps.token
+
+    def serve_steps(self, accept_timeout_s: float) -> int:
+        """Rank 0: runs the engine's calls (execute, step, time_steps) until it says
+        stop or disconnects; then ends the other ranks' loops. Returns the step count."""
+        handlers = {"execute": self.execute, "step": self.step, "time_steps": self.time_steps}
+        try:
+            return self._steps.serve(handlers, accept_timeout_s)
+        finally:
+            self.stop()
+
     def serve(self) -> int:
         """Ranks 1..: runs every batch rank 0 sends until it says stop; returns the step count."""
         steps = 0
@@ -110,5 +127,5 @@ class TPWorker:
         return steps
 
     def stop(self) -> None:
-        """Rank 0: ends the other ranks' `serve` loops."""
+        """Rank 0: ends the other ranks' `serve` loops (at the end of `serve_steps`)."""
         self.channel.stop()

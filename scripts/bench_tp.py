@@ -60,8 +60,6 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     args = p.parse_args()
 
-    import ray
-
     from tpserve.engine.config import EngineConfig
     from tpserve.engine.model_runner import ModelRunner
     from tpserve.engine.workspace import read_meta
@@ -78,7 +76,7 @@ def main() -> None:
     ex = RayExecutor(args.tp, functools.partial(ModelRunner, ws, read_meta(ws), config),
                      device=args.device)
     total = timed(lambda: ex.step(batch, sampling), args.steps)
-    parts = ray.get(ex.workers[0].time_steps.remote(batch, sampling, args.steps))
+    parts = ex._call("time_steps", batch, sampling, args.steps)  # timed inside rank 0
     ex.shutdown()
     ws1 = random_workspace(cfg, tmp / "tp1", 1)
     runner = ModelRunner(ws1, read_meta(ws1), config)
@@ -90,7 +88,7 @@ def main() -> None:
     print(f"{card}: {args.shape} x{args.layers} layers, batch {args.batch}, "
           f"{'CUDA graphs' if torch.cuda.is_available() and not args.eager_mode else 'eager'}")
     print(f"tp=1 in process: {tp1:.3f} ms/step")
-    print(f"tp={args.tp} via Ray:   {total:.3f} ms/step; inside rank 0: "
+    print(f"tp={args.tp} executor:  {total:.3f} ms/step; inside rank 0: "
           + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
 
 
