@@ -108,7 +108,13 @@ def test_concurrent_streams_and_disconnects_abort(server):
     async def main():
         return await asyncio.gather(*[_stream(url, i, disconnect=i % 3 == 0) for i in range(32)])
 
-    results = asyncio.run(main())
+    # streams long enough (60 tokens x 10 ms) that a loaded machine notices each
+    # disconnect before the request would have finished anyway
+    engine.token_delay, delay = 0.01, engine.token_delay
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.token_delay = delay
     done = [r for r in results if r != "disconnected"]
     assert len(done) == 21 and all(r.count('"finish_reason": "length"') == 1 for r in done)
     deadline = time.monotonic() + 10

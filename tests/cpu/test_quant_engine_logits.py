@@ -36,6 +36,16 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_ray():
+    """The tp=2 engines start a local Ray; it goes with this module."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    yield
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def awq_workspaces(tiny_hf, tmp_path_factory):
     model, _ = tiny_hf("llama")
