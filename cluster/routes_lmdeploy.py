@@ -31,6 +31,12 @@ class Session:
     num_tokens: int = 0
     last_token: int | None = None  # the token that ended the last reply (in the cache too)
     busy: bool = False
+    engine_restarts: int = 0  # the serving engine's rebuild count when its KV was cached
+
+    def forget_cache(self) -> None:
+        """The engine that held this session's KV was rebuilt: the next turn sends the
+        whole conversation again (the history itself is kept)."""
+        self.cached_text, self.num_tokens, self.last_token = "", 0, None
 
 
 @dataclass
@@ -69,7 +75,7 @@ def _plan_turn(serving: ServingEngine, session: Session, sid: int, body: Interac
 
 def _new_text(serving: ServingEngine, session: Session, messages: list[dict]) -> str:
     """The conversation text the engine does not hold yet."""
-    if not session.messages:
+    if not session.messages or not session.cached_text:
         return serving.render_chat(messages)
     ended = "" if session.last_token is None else serving.token_text(session.last_token)
     text = serving.next_turn_text(messages[-1]["content"], ended)
@@ -94,10 +100,13 @@ async def chat_interactive(request: Request):
     if body.request_output_len == 0 and not body.interactive_mode:
         await _end_session(serving, store, sid)
         return JSONResponse({"text": "", "tokens": 0, "finish_reason": None})
-    session = store.sessions.get(sid) or Session()
+    session = store.sessions.get(sid) or Session(engine_restarts=serving.restarts)
     if session.busy:
         raise APIError(409, f"session {sid} is answering another request; wait for it to finish",
                        param="session_id", code="session_busy")
+    if session.engine_restarts != serving.restarts:
+        session.forget_cache()
+        session.engine_restarts = serving.restarts
     turn = _plan_turn(serving, session, sid, body)
     store.sessions[sid] = session
     session.busy = True

@@ -220,6 +220,24 @@ def test_interactive_session_keep_and_end(client, serving):
     assert serving.tokenizer.decode(serving.engine.session_prompts[7][-1]) == "<|user|>new\n<|assistant|>"
 
 
+def test_interactive_session_after_engine_rebuild_resends_history(client, serving):
+    """A rebuilt engine lost the session's KV: the next turn sends the whole conversation."""
+    base = {"session_id": 11, "interactive_mode": True, "request_output_len": 4, "temperature": 0}
+    first = client.post("/v1/chat/interactive", json={**base, "prompt": "hi"}).json()["text"]
+    serving.restarts += 1  # as ServingEngine does after rebuilding a dead engine
+    serving.engine.sessions.pop(11, None)  # the new engine holds nothing
+    client.post("/v1/chat/interactive", json={**base, "prompt": "more"})
+    turn2 = serving.engine.session_prompts[11][-1]
+    assert serving.tokenizer.decode(turn2) == serving.tokenizer.decode(serving.encode(
+        serving.render_chat([{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": first},
+                             {"role": "user", "content": "more"}]), add_bos=False))
+    client.post("/v1/chat/interactive", json={**base, "prompt": "again"})
+    turn3 = serving.tokenizer.decode(serving.engine.session_prompts[11][-1],
+                                     skip_special_tokens=False)
+    assert turn3 == "\n<|user|>again\n<|assistant|>"  # back to sending only the new turn
+
+
 def test_interactive_session_full_is_400(client):
     base = {"session_id": 9, "interactive_mode": True, "request_output_len": 100}
     client.post("/v1/chat/interactive", json={**base, "prompt": "a" * 80, "ignore_eos": True})
