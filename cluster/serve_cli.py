@@ -60,7 +60,8 @@ def _add_api_client(sub: Any) -> None:
 
 def _add_gradio(sub: Any) -> None:
     p = sub.add_parser("gradio", help="web chat page for a server (URL) or a local model")
-    p.add_argument("url_or_model")
+    p.add_argument("url_or_model", nargs="?", default=None,
+                   help="a server URL, or a model to serve here (default: the bundled demo model)")
     p.add_argument("--server-name", default="127.0.0.1")
     p.add_argument("--server-port", type=int, default=6006)
     p.add_argument("--restful-api", type=str2bool, default=None,

@@ -184,6 +184,9 @@ def run_webui(url_or_model: str | None, server_name: str = "127.0.0.1", server_p
         if restful_api is None else restful_api
     local = None
     url = url_or_model
+    if is_url and not url:
+        raise ConfigError("--restful-api True needs the server's URL, e.g. "
+                          "tpserve serve gradio http://127.0.0.1:23333")
     if not is_url:
         url, local = _start_local_server(url_or_model, tp, model_name)
     try:
