@@ -43,6 +43,7 @@ from tpserve.quant.ray_tasks import RayMapper, cluster_has_gpus, ray_session
 __all__ = ["auto_awq", "first_layer_inputs", "layer_forward", "W_METHODS"]
 
 SEARCH_TOKENS = 8192  # calibration tokens (sampled evenly per window) that feed the searches
+ATTENTION_SEARCH_TOKENS = 4096  # whole windows (at least one) that judge the q/k/v scales
 W_METHODS = ("awq", "rtn")
 
 
@@ -98,7 +99,9 @@ def _run_layers(model, windows, dev, store: LayerStore, settings: AwqSettings, o
                 outs = layer_forward(layer, inps, kwargs)
             finally:
                 recorder.remove()
-            tensors = awq_layer.quantize_layer(layer, recorder.finish(), f"model.layers.{i}", settings, out_dtype, mapper)
+            n_windows = max(1, ATTENTION_SEARCH_TOKENS // inps.shape[1])
+            tensors = awq_layer.quantize_layer(layer, recorder.finish(), f"model.layers.{i}", settings,
+                                               out_dtype, mapper, (inps[:n_windows], kwargs))
             store.save(i, tensors)
             inps = outs
         layers[i].cpu()

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from tpserve.quant.awq_blocks import ModuleBlock
 from tpserve.quant.awq_search import apply_clip, find_clip, find_scales
 from tpserve.quant.hf_model import layer_linears
 from tpserve.quant.observers import ChannelStats
@@ -119,6 +120,23 @@ def local_map(fn: Callable, arg_lists: list[tuple]) -> list:
     return [fn(*args) for args in arg_lists]
 
 
+def search_block(layer: nn.Module, pair: ScalePair, feats: dict[str, InputFeatures],
+                 attention_inputs: tuple[Tensor, dict] | None) -> ModuleBlock | None:
+    """The block whose output judges ``pair``'s scales: the attention block for q/k/v (over
+    whole windows ``attention_inputs = (layer input hidden states, layer kwargs)``), the
+    MLP for gate/up; None (the linears' own outputs) for the others."""
+    if pair.prev == "input_layernorm" and attention_inputs is not None:
+        hidden, kwargs = attention_inputs
+        names = tuple(n.removeprefix("self_attn.") for n in pair.linears)
+        normed = layer.input_layernorm(hidden)
+        return ModuleBlock(layer.self_attn, names, (), {**kwargs, "hidden_states": normed})
+    if pair.prev == "post_attention_layernorm":
+        x = feats[pair.linears[0]].sample
+        names = tuple(n.removeprefix("mlp.") for n in pair.linears)
+        return ModuleBlock(layer.mlp, names, (x.to(layer.mlp.gate_proj.weight.dtype),), {})
+    return None
+
+
 @torch.no_grad()
 def quantize_layer(
     layer: nn.Module,
@@ -127,22 +145,26 @@ def quantize_layer(
     settings: AwqSettings,
     out_dtype: torch.dtype,
     mapper: Mapper = local_map,
+    attention_inputs: tuple[Tensor, dict] | None = None,
 ) -> dict[str, Tensor]:
     """Search and fold scales (and clip), then return the layer's checkpoint tensors (on CPU).
 
     ``mapper(fn, arg_lists)`` runs the independent searches (in order, or as Ray tasks).
+    ``attention_inputs``: whole windows entering the layer and its kwargs, so that q/k/v
+    are judged by the attention output; without them, by their own outputs.
     """
     pairs = scale_pairs(layer)
     bits, gs = settings.bits, settings.group_size
     stat = "absmean" if settings.search_scale else "absmax"
     jobs = [
         (feats[p.linears[0]].sample, getattr(feats[p.linears[0]], stat),
-         [layer.get_submodule(n).weight for n in p.linears], bits, gs, settings.search_scale)
+         [layer.get_submodule(n).weight for n in p.linears], bits, gs, settings.search_scale,
+         search_block(layer, p, feats, attention_inputs))
         for p in pairs
     ]
     input_scale = {}
     for pair, found in zip(pairs, mapper(find_scales, jobs)):
-        logger.debug("%s %s: ratio %s, output mse %.4g (round-to-nearest %.4g)",
+        logger.debug("%s %s: ratio %s, block output mse %.4g (round-to-nearest %.4g)",
                      prefix, pair.prev, found.ratio, found.loss, found.rtn_loss)
         _fold(layer, pair, found.scales)
         input_scale.update({n: found.scales for n in pair.linears})

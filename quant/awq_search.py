@@ -12,17 +12,23 @@ block computes ``Q(W * s) (x / s)``. Candidates, as in AWQ::
 |W| normalised by its group's absmax. The search tries r in {0, 1/20, ...,
 19/20} and keeps the r with the least mean squared error of the linears'
 outputs; ``s = 1`` (plain round-to-nearest) is a candidate too, so the result
-is never worse than RTN on the calibration tokens. The fast mode of LMDeploy
+is never worse than RTN on the calibration tokens. The error is measured on a
+block's output (``awq_blocks``: the attention block for q/k/v, the MLP for
+gate/up), by default on the linears' own outputs. The fast mode of LMDeploy
 0.1.0 is r = 0.5 with ``x_stat`` = absmax.
 """
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from tpserve.quant.awq_blocks import LinearsBlock
 from tpserve.quant.quantize import fake_quantize
+
+Block = Callable[[list[Tensor]], Tensor]  # candidate weights -> the block's output
 
 SCALE_GRID = 20
 FAST_RATIO = 0.5
@@ -36,8 +42,8 @@ CLIP_ROW_BATCH = 256
 class ScaleSearch:
     scales: Tensor  # [C] float32
     ratio: float  # chosen r; nan for the identity (RTN) candidate
-    loss: float  # output MSE with the chosen scales
-    rtn_loss: float  # output MSE of plain round-to-nearest
+    loss: float  # block-output MSE with the chosen scales
+    rtn_loss: float  # block-output MSE of plain round-to-nearest
 
 
 def weight_channel_mean(weight: Tensor, group_size: int) -> Tensor:
@@ -52,31 +58,35 @@ def awq_scales(x_stat: Tensor, w_mean: Tensor, ratio: float) -> Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def scaled_output_loss(x: Tensor, weight: Tensor, ref: Tensor, s: Tensor, bits: int, group_size: int) -> float:
-    """MSE between ``x W^T`` (``ref``) and ``x (Q(W * s) / s)^T``."""
-    wq = fake_quantize(weight * s, bits, group_size) / s
-    return (x @ wq.t() - ref).pow(2).mean().item()
+def scaled_output_loss(block: Block, weights: list[Tensor], ref: Tensor, s: Tensor, bits: int,
+                       group_size: int) -> float:
+    """MSE between the block's float output ``ref`` and its output with ``Q(W * s) / s``."""
+    candidates = [fake_quantize(w * s, bits, group_size) / s for w in weights]
+    return (block(candidates) - ref).pow(2).mean().item()
 
 
 @torch.no_grad()
 def find_scales(
-    x: Tensor, x_stat: Tensor, weights: list[Tensor], bits: int, group_size: int, search: bool = True
+    x: Tensor, x_stat: Tensor, weights: list[Tensor], bits: int, group_size: int, search: bool = True,
+    block: Block | None = None,
 ) -> ScaleSearch:
     """Scales for the linears ``weights`` (each ``[out_i, C]``) reading ``x [tokens, C]``.
 
-    ``search=False`` is the fast mode: no search, r = 0.5 (``x_stat`` is then the absmax).
+    ``block`` gives the output the loss is measured on (default: the linears' own
+    outputs for ``x``). ``search=False`` is the fast mode: no search, r = 0.5
+    (``x_stat`` is then the absmax).
     """
-    weight = torch.cat([w.float() for w in weights], dim=0)
-    x = x.float()
-    ref = x @ weight.t()
-    w_mean = weight_channel_mean(weight, group_size)
-    ones = torch.ones(weight.shape[1], device=weight.device)
-    rtn = scaled_output_loss(x, weight, ref, ones, bits, group_size)
+    weights = [w.float() for w in weights]
+    block = block or LinearsBlock(x)
+    ref = block(weights)
+    w_mean = weight_channel_mean(torch.cat(weights), group_size)
+    ones = torch.ones(weights[0].shape[1], device=weights[0].device)
+    rtn = scaled_output_loss(block, weights, ref, ones, bits, group_size)
     ratios = [i / SCALE_GRID for i in range(SCALE_GRID)] if search else [FAST_RATIO]
     best = ScaleSearch(ones, math.nan, rtn, rtn) if search else None
     for r in ratios:
-        s = awq_scales(x_stat.to(weight.device), w_mean, r)
-        loss = scaled_output_loss(x, weight, ref, s, bits, group_size)
+        s = awq_scales(x_stat.to(w_mean.device), w_mean, r)
+        loss = scaled_output_loss(block, weights, ref, s, bits, group_size)
         if best is None or loss < best.loss:
             best = ScaleSearch(s, r, loss, rtn)
     return best

@@ -63,13 +63,16 @@ def run_remote(ray, fn: Callable, arg_lists: Sequence[tuple], options: dict) -> 
 
 
 def to_device(obj, device):
-    """Tensors inside tuples, lists, dicts and dataclasses moved to ``device``."""
+    """Tensors inside tuples, lists, dicts and dataclasses moved to ``device``; objects
+    with a ``moved_to(device)`` method (the AWQ search blocks) give a moved copy."""
     import dataclasses
 
     import torch
 
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if hasattr(obj, "moved_to"):
+        return obj.moved_to(device)
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):

@@ -70,6 +70,46 @@ def test_awq_layer_output_beats_rtn(outlier_model):
     layer_forward(awq_layer_copy, inps, kwargs)
     awq = output_error(quantize_layer(awq_layer_copy, recorder.finish(), "L", settings, torch.float32))
     assert awq < 0.8 * rtn
+    # judged by the attention and MLP outputs (as AutoAWQ), the layer output is as good or better
+    block_copy = copy.deepcopy(layer)
+    recorder = FeatureRecorder(block_copy, sample_positions(32, 8, 4096))
+    layer_forward(block_copy, inps, kwargs)
+    block = output_error(quantize_layer(block_copy, recorder.finish(), "L", settings, torch.float32,
+                                        attention_inputs=(inps, kwargs)))
+    assert block < 0.8 * rtn
+
+
+def test_block_search_measures_the_block_output(outlier_model):
+    """find_scales with a block: the reported losses are the block output's errors, and the
+    block can be moved (as Ray tasks receive it) without moving the caller's module."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tpserve.quant.awq_blocks import ModuleBlock
+    from tpserve.quant.ray_tasks import to_device
+
+    model_path, data = outlier_model
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    windows = calib_windows(load_calib_texts(data), AutoTokenizer.from_pretrained(model_path), 4, 32)
+    inps, kwargs = first_layer_inputs(model, windows, torch.device("cpu"))
+    layer = model.model.layers[0]
+    names = ("q_proj", "k_proj", "v_proj")
+    hidden = layer.input_layernorm(inps)
+    block = ModuleBlock(layer.self_attn, names, (), {**kwargs, "hidden_states": hidden})
+    weights = [layer.self_attn.get_submodule(n).weight.detach().clone() for n in names]
+    x = hidden.reshape(-1, hidden.shape[-1])
+    found = find_scales(x, x.abs().mean(0), weights, bits=4, group_size=GROUP,
+                        block=to_device(block, "cpu"))
+    with torch.no_grad():
+        ref = layer.self_attn(**kwargs, hidden_states=hidden)[0]
+        rtn_layer = copy.deepcopy(layer)
+        for n in names:
+            w = rtn_layer.self_attn.get_submodule(n).weight
+            w.copy_(fake_quantize(w, 4, GROUP))
+        rtn = (rtn_layer.self_attn(**kwargs, hidden_states=hidden)[0] - ref).pow(2).mean().item()
+    assert found.rtn_loss == pytest.approx(rtn, rel=1e-4)
+    assert found.loss <= found.rtn_loss
+    for n, w in zip(names, weights):  # the caller's module is untouched
+        assert torch.equal(layer.self_attn.get_submodule(n).weight, w)
 
 
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
