@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .pickling import NumpyPickled
+from .tensor_dataclass import TensorDataclass
 
 
 @dataclass
-class ForwardBatch(NumpyPickled):
+class ForwardBatch(TensorDataclass):
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64, absolute position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset where the token's K/V go
@@ -33,11 +33,6 @@ class ForwardBatch(NumpyPickled):
     @property
     def num_seqs(self) -> int:
         return int(self.seq_lens.shape[0])
-
-    def to(self, device: torch.device | str) -> "ForwardBatch":
-        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                 for k, v in self.__dict__.items()}
-        return ForwardBatch(**moved)
 
     @classmethod
     def build(cls, token_ids: list[list[int]], context_lens: list[int],

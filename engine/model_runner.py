@@ -96,7 +96,7 @@ class ModelRunner:
         valid until the next step)."""
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
-        return self._forward(batch.to(self.device))
+        return self._forward(batch.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> SamplerOutput | None:
@@ -104,4 +104,4 @@ class ModelRunner:
         logits = self.execute(batch)
         if sampling is None:
             return None
-        return sample(logits[:, :self.vocab_size], sampling.to(self.device))
+        return sample(logits, sampling.to(self.device, non_blocking=True))

@@ -20,12 +20,12 @@ from typing import Sequence
 
 import torch
 
-from .pickling import NumpyPickled
+from .tensor_dataclass import TensorDataclass
 from .request import Request
 
 
 @dataclass(frozen=True)
-class SamplingBatch(NumpyPickled):
+class SamplingBatch(TensorDataclass):
     """Per-row sampling options as device tensors; None where no row uses the option."""
 
     greedy: torch.Tensor | None  # [S] bool; None when all rows are greedy
@@ -83,23 +83,13 @@ class SamplingBatch(NumpyPickled):
         )
 
 
-    def to(self, device: torch.device | str) -> "SamplingBatch":
-        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                 for k, v in self.__dict__.items()}
-        return SamplingBatch(**moved)
-
 
 @dataclass(frozen=True)
-class SamplerOutput(NumpyPickled):
+class SamplerOutput(TensorDataclass):
     token_ids: torch.Tensor  # [S] int64
     logprobs: torch.Tensor | None = None  # [S] float32, of the sampled tokens
     top_token_ids: torch.Tensor | None = None  # [S, n] int64, best first
     top_logprobs: torch.Tensor | None = None  # [S, n] float32
-
-    def cpu(self) -> "SamplerOutput":
-        return SamplerOutput(*(None if t is None else t.cpu() for t in
-                               (self.token_ids, self.logprobs, self.top_token_ids,
-                                self.top_logprobs)))
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:

@@ -112,15 +112,14 @@ class RayExecutor:
             return self._client.call(method, args, self._while_waiting)
         except ExecutorDeadError:
             raise
-        except (OSError, EOFError) as exc:  # rank 0's process is gone
-            self._fail(self._loop_failure(self._loops) or f"rank 0 closed its step socket: {exc}")
+        except (OSError, EOFError) as exc:  # rank 0's process is gone: let its task say why
+            ready, _ = ray.wait(self._loops, num_returns=1, timeout=5)
+            self._fail(self._loop_failure(ready) or f"rank 0 closed its step socket: {exc}")
         except Exception as exc:  # noqa: BLE001 - a failed step leaves the ranks out of step
             self._fail(f"rank 0 failed a step: {exc!r}")
 
     def _while_waiting(self, waited_s: float) -> None:
-        ready, _ = ray.wait(self._loops, num_returns=1, timeout=0)
-        if ready:
-            self._fail(self._loop_failure(ready))
+        self.check_health()
         if waited_s > self.step_timeout_s:
             self._fail(f"a step took longer than {self.step_timeout_s:.0f} s; a rank hangs")
 
@@ -137,8 +136,6 @@ class RayExecutor:
         for ref in ready:
             if ref in self._loops:
                 rank = self._loops.index(ref)
-                if not ray.wait([ref], timeout=1)[0]:
-                    continue  # still serving
                 try:
                     ray.get(ref)
                     return f"rank {rank} stopped serving steps"

@@ -97,7 +97,7 @@ class StepClient:
         self._sock.settimeout(None)
         _no_delay(self._sock)
         _send(self._sock, token)
-        ok, _ = _recv(self._sock)
+        _recv(self._sock)  # the acknowledgement; a wrong token closes the connection instead
 
     def call(self, method: str, args: tuple, between: Callable[[float], None],
              poll_s: float = 1.0) -> Any:

@@ -5,13 +5,12 @@ step_socket.py: a Ray call a step cost milliseconds) and broadcasts each
 step's batch to the other ranks over the gloo control group; ranks 1.. sit in
 `serve` (`while batch := recv(): runner.execute(batch)`). Rank 0 also samples,
 so only the sampled token ids (and any logprobs) travel back, not [S, vocab]
-logits. The alternative, `ray.put` once and call every
-rank with that ObjectRef, was 1-2 ms a step slower for a tiny Llama at tp=2 on
-CPU (scripts/bench_tp.py) and puts tp Ray calls on every step.
+logits. scripts/bench_tp.py times each part of a step.
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable, Protocol
 
 import ray
@@ -83,21 +82,20 @@ class TPWorker:
         """Rank 0: as `execute`, then samples here; the SamplerOutput on the CPU (or None)."""
         self.channel.send(batch)
         sampled = self.runner.step(batch, sampling)
-        return None if sampled is None else sampled.cpu()
+        return None if sampled is None else sampled.to("cpu")
 
     def time_steps(self, batch, sampling, steps: int) -> dict[str, float]:
         """Rank 0, for benchmarks: mean ms of each part of `step` over `steps` steps."""
-        import time
-
         parts = {"send": 0.0, "forward_and_sample": 0.0, "to_cpu": 0.0}
         for _ in range(steps):
             t0 = time.perf_counter()
             self.channel.send(batch)
             t1 = time.perf_counter()
             sampled = self.runner.step(batch, sampling)
-            torch.cuda.synchronize() if self.use_gpu else None
+            if self.use_gpu:
+                torch.cuda.synchronize()
             t2 = time.perf_counter()
-            sampled.cpu()
+            sampled.to("cpu")
             t3 = time.perf_counter()
             for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
                 parts[key] += dt * 1e3 / steps

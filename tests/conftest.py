@@ -2,6 +2,7 @@
 once per test session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -58,3 +59,21 @@ def tiny_workspace(tiny_hf, tmp_path_factory):
         return built[key]
 
     return get
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int):
+    """A local Ray with at least `num_cpus` logical CPUs for one test module; a Ray started
+    here (or restarted for being too small) is shut down at the end."""
+    import ray
+
+    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < num_cpus:
+        ray.shutdown()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()

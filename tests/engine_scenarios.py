@@ -6,8 +6,27 @@ from __future__ import annotations
 
 import torch
 
+from tpserve.engine.forward_batch import ForwardBatch
 from tpserve.engine.llm import LLM
 from tpserve.engine.sampling_params import SamplingParams
+
+
+def runner_greedy(runner, prompts: list[list[int]], steps: int
+                  ) -> tuple[torch.Tensor, list[list[int]]]:
+    """Prefill logits (float32, CPU) and `steps` greedy tokens per prompt, driving a runner
+    (a ModelRunner or a tensor-parallel executor) with ForwardBatches directly."""
+    bs = runner.block_size
+    per_seq = -(-(max(map(len, prompts)) + steps) // bs)
+    tables = [[b * per_seq + i for i in range(per_seq)] for b in range(len(prompts))]
+    logits = runner.execute(ForwardBatch.build(prompts, [0] * len(prompts), tables, bs))
+    prefill, tokens = logits.float().cpu().clone(), [[] for _ in prompts]
+    for step in range(steps):
+        nxt = logits.argmax(-1).tolist()
+        for out, t in zip(tokens, nxt):
+            out.append(t)
+        context = [len(p) + step for p in prompts]
+        logits = runner.execute(ForwardBatch.build([[t] for t in nxt], context, tables, bs))
+    return prefill, tokens
 
 
 def shared_prefix_prompts(vocab: int, seed: int = 0) -> list[list[int]]:

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 import ray
-from conftest import ENGINE_OPTIONS
+from conftest import ENGINE_OPTIONS, local_ray
 from starlette.testclient import TestClient
 
 from api_fakes import MODEL_ID, ByteTokenizer, FakeAsyncEngine, FakeChatTemplate
@@ -139,15 +139,8 @@ def test_without_rebuild_a_dead_engine_stays_dead():
 # ---- for real: tp=2 on Ray ---------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
-    started = False
-    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 4:
-        ray.shutdown()
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False)  # two ranks, and two more while rebuilding
-        started = True
-    yield
-    if started:
-        ray.shutdown()
+    with local_ray(4):  # two ranks, and two more while rebuilding
+        yield
 
 
 @pytest.fixture(scope="module")

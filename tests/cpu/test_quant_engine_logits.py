@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ENGINE_OPTIONS
+from conftest import ENGINE_OPTIONS, local_ray
 from tpserve.cluster.cli import main
 from tpserve.engine.forward_batch import ForwardBatch
 from tpserve.engine.llm import LLM
@@ -38,12 +38,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module", autouse=True)
 def own_ray():
-    """The tp=2 engines start a local Ray; it goes with this module."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    yield
-    if started and ray.is_initialized():
-        ray.shutdown()
+    """The tp=2 engines need a local Ray; it goes with this module."""
+    with local_ray(2):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from tpserve.quant.awq import auto_awq
 from tpserve.quant.calibrate import calibrate
+from conftest import local_ray
 from test_quant_models import make_tiny, write_calib_text
 
 KINDS = ("inputs", "outputs", "key", "value")
@@ -13,11 +14,8 @@ KINDS = ("inputs", "outputs", "key", "value")
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with local_ray(2) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,14 @@ tokens equal tp=1's and transformers'; a killed rank fails the next step fast.""
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 
 import pytest
 import ray
 import torch
-from conftest import ENGINE_OPTIONS
+from conftest import ENGINE_OPTIONS, local_ray
+from engine_scenarios import runner_greedy
 
 from tpserve.engine.config import EngineConfig
 from tpserve.engine.forward_batch import ForwardBatch
@@ -25,15 +25,8 @@ CONFIG = EngineConfig(**ENGINE_OPTIONS)
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    started = False
-    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 6:
-        ray.shutdown()
-    if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False)  # tp=2 kept alive + tp=4
-        started = True
-    yield
-    if started:
-        ray.shutdown()
+    with local_ray(6):  # tp=2 kept alive + tp=4
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +46,9 @@ def executor(workspace, tp: int, **kwargs) -> RayExecutor:
 
 
 def greedy(runner, prompts=PROMPTS, steps=STEPS) -> tuple[torch.Tensor, list[list[int]]]:
-    """Prefill logits and `steps` greedy tokens per prompt, driving ForwardBatches directly."""
-    bs = runner.block_size
-    per_seq = math.ceil((max(map(len, prompts)) + steps) / bs)
-    tables = [[b * per_seq + i for i in range(per_seq)] for b in range(len(prompts))]
-    logits = runner.execute(ForwardBatch.build(prompts, [0] * len(prompts), tables, bs))
-    prefill, tokens = logits.clone(), [[] for _ in prompts]
-    for step in range(steps):
-        nxt = logits.argmax(-1).tolist()
-        for out, t in zip(tokens, nxt):
-            out.append(t)
-        context = [len(p) + step for p in prompts]
-        logits = runner.execute(ForwardBatch.build([[t] for t in nxt], context, tables, bs))
-    return prefill, tokens
+    return runner_greedy(runner, prompts, steps)
 
 
-@torch.no_grad()
 def hf_greedy(model, prompts=PROMPTS, steps=STEPS) -> tuple[torch.Tensor, list[list[int]]]:
     last, tokens = [], []
     for prompt in prompts:

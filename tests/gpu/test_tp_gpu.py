@@ -15,6 +15,7 @@ if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
 
 ray = pytest.importorskip("ray")
 
+from engine_scenarios import runner_greedy  # noqa: E402
 from tpserve.engine.config import EngineConfig  # noqa: E402
 from tpserve.engine.convert import convert  # noqa: E402
 from tpserve.engine.forward_batch import ForwardBatch  # noqa: E402
@@ -43,18 +44,7 @@ def random_llama(folder):
 
 
 def greedy(runner) -> tuple[torch.Tensor, list[list[int]]]:
-    bs = runner.block_size
-    per_seq = -(-(max(map(len, PROMPTS)) + STEPS) // bs)
-    tables = [[b * per_seq + i for i in range(per_seq)] for b in range(len(PROMPTS))]
-    logits = runner.execute(ForwardBatch.build(PROMPTS, [0] * len(PROMPTS), tables, bs))
-    first, tokens = logits.float().cpu(), [[] for _ in PROMPTS]
-    for step in range(STEPS):
-        nxt = logits.argmax(-1).tolist()
-        for out, t in zip(tokens, nxt):
-            out.append(t)
-        ctx = [len(p) + step for p in PROMPTS]
-        logits = runner.execute(ForwardBatch.build([[t] for t in nxt], ctx, tables, bs))
-    return first, tokens
+    return runner_greedy(runner, PROMPTS, STEPS)
 
 
 @pytest.fixture(scope="module")
