@@ -144,10 +144,10 @@ def _make_executor(workspace: Path, meta: WorkspaceMeta, config: EngineConfig):
 
     if meta.tp == 1:
         return ModelRunner(workspace, meta, config)
-    from ..parallel.executor import PlacementError, RayExecutor  # one Ray actor per rank
+    from ..parallel.executor import ExecutorDeadError, PlacementError, RayExecutor
 
     factory = functools.partial(ModelRunner, workspace, meta, config)  # called as (rank, group)
-    try:
+    try:  # one Ray actor per rank
         return RayExecutor(meta.tp, factory, device=config.device)
-    except PlacementError as exc:
+    except (PlacementError, ExecutorDeadError) as exc:  # no room, or ranks that cannot start
         raise ConfigError(str(exc)) from None
