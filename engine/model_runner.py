@@ -49,6 +49,7 @@ class ModelRunner:
         self.device = resolve_device(config.device, rank)
         self.dtype = resolve_dtype(config.dtype, meta, self.device)
         cfg = meta.model
+        group.prepare_all_reduce(self.dtype, self.device)
         self.model = build_model(workspace, meta, rank, self.dtype, self.device, group,
                                  max_positions=config.session_len)
         self.vocab_size = cfg.vocab_size

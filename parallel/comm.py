@@ -1,17 +1,24 @@
 """Collectives on an explicit group object (no globals).
 
 `LocalGroup` is the one-rank group (every collective is the identity);
-`DistGroup` wraps a torch.distributed process group (NCCL on CUDA, gloo on CPU).
+`DistGroup` wraps a torch.distributed process group (NCCL on CUDA, gloo on CPU);
+on GPUs that reach each other over NVLink its small all-reduces take the
+one-shot path of symm_all_reduce.py once `prepare_all_reduce` has set it up.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from .symm_all_reduce import SymmAllReduce
+
 
 class LocalGroup:
     rank = 0
     world_size = 1
+
+    def prepare_all_reduce(self, dtype: torch.dtype, device: torch.device) -> None:
+        pass
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -33,8 +40,16 @@ class DistGroup:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.one_shot: SymmAllReduce | None = None
+
+    def prepare_all_reduce(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Sets up the one-shot path for `dtype` tensors where it works (collective)."""
+        self.one_shot = SymmAllReduce.create(self.group or dist.group.WORLD, dtype, device)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks; in place for NCCL/gloo, a new tensor on the one-shot path."""
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x)
         dist.all_reduce(x, group=self.group)
         return x
 

@@ -29,6 +29,8 @@ from .process_group import HANG_HINT
 from .step_socket import StepClient
 from .worker import RunnerFactory, TPWorker
 
+NOSET_CUDA_VISIBLE = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
 
 class PlacementError(RuntimeError):
     """Ray cannot give the executor the resources its ranks need."""
@@ -224,6 +226,8 @@ def _placement(tp: int, use_gpu: bool, given: PlacementGroup | None,
 def _spawn(rank: int, tp: int, use_gpu: bool, pg: PlacementGroup):
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
     resources = {"num_gpus": 1, "num_cpus": 0} if use_gpu else {"num_cpus": 1}
+    if use_gpu:  # every rank sees the node's GPUs (see worker.local_gpu_index)
+        resources["runtime_env"] = {"env_vars": {NOSET_CUDA_VISIBLE: "1"}}
     actor = ray.remote(TPWorker).options(scheduling_strategy=strategy, max_restarts=0,
                                          **resources)
     return actor.remote(rank, tp, use_gpu)

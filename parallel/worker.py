@@ -36,6 +36,22 @@ class Runner(Protocol):
 RunnerFactory = Callable[[int, TPGroup], Runner]
 
 
+def local_gpu_index() -> int:
+    """This actor's GPU as a CUDA device index of this process.
+
+    The executor asks Ray to leave CUDA_VISIBLE_DEVICES as the node has it, so
+    that every rank sees every GPU of the node: symmetric memory (the one-shot
+    all-reduce) maps the other ranks' buffers by device index. Ray's GPU id is
+    then an entry of the node's CUDA_VISIBLE_DEVICES, or the index itself where
+    that is unset. A Ray that narrows the list anyway leaves one entry: index 0.
+    """
+    gpu = str(ray.get_gpu_ids()[0])
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
+    if visible:
+        return visible.index(gpu) if gpu in visible else 0
+    return int(gpu)
+
+
 class TPWorker:
     """Wrapped by `ray.remote` in the executor: one actor per rank (one GPU or one CPU)."""
 
@@ -44,8 +60,7 @@ class TPWorker:
         self.world_size = world_size
         self.use_gpu = use_gpu
         set_worker_env()
-        if use_gpu:  # before CUDA starts in this process
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(int(i)) for i in ray.get_gpu_ids())
+        self.device_index = local_gpu_index() if use_gpu else None
         self._store = None
         self._steps: StepServer | None = None
         self.channel: BatchChannel | None = None
@@ -64,8 +79,8 @@ class TPWorker:
             if not torch.cuda.is_available():
                 raise RuntimeError(f"rank {self.rank} was given a GPU by Ray but CUDA sees none "
                                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
-            torch.cuda.set_device(0)
-            device, backend = torch.device("cuda", 0), "nccl"
+            torch.cuda.set_device(self.device_index)
+            device, backend = torch.device("cuda", self.device_index), "nccl"
         group = init_tp_group(self.rank, self.world_size, master_addr, master_port, backend,
                               device, timeout_s, self._store)
         self.channel = BatchChannel()

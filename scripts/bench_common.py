@@ -64,6 +64,9 @@ def random_workspace(cfg: ModelConfig, dst: Path, tp: int = 1, dtype=torch.bfloa
     vocab = padded_vocab(cfg.vocab_size, tp)
     embed = torch.randn(cfg.vocab_size, h, device=dev, dtype=dtype) * 0.02
     head = torch.randn(cfg.vocab_size, h, device=dev, dtype=dtype) * 0.02
+    # logit 0 for ids the demo tokenizer lacks: greedy picks a positive logit among the
+    # others (almost surely), so served text is real text and every token streams some
+    head[demo_tokenizer_size():] = 0
     for r in range(tp):
         save_file({"embed_tokens.weight": shard_vocab(embed, vocab, tp, r).cpu(),
                    "lm_head.weight": shard_vocab(head, vocab, tp, r).cpu(),
@@ -77,6 +80,12 @@ def random_workspace(cfg: ModelConfig, dst: Path, tp: int = 1, dtype=torch.bfloa
                                   weight_type="int4" if awq_group else str(dtype).removeprefix("torch."),
                                   quant=quant, padded_vocab_size=vocab))
     return dst
+
+
+def demo_tokenizer_size() -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(demo_model_path()))
 
 
 def _param_shapes(method, fin: int, fout: int, dtype) -> dict:

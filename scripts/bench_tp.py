@@ -39,6 +39,15 @@ def greedy_rows(n: int):
     return SamplingBatch.build(rows, 1 << 30)
 
 
+def workspace(cfg, path: Path, tp: int) -> Path:
+    """A random workspace at `path`, made unless a finished one is there."""
+    from tpserve.engine.workspace import CONFIG_FILE
+
+    if not (path / CONFIG_FILE).exists():  # written last
+        random_workspace(cfg, path, tp)
+    return path
+
+
 def timed(fn, steps: int) -> float:
     for _ in range(3):
         fn()
@@ -58,6 +67,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--eager-mode", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workspace-dir", type=Path,
+                   help="keep the random workspaces here and reuse them (default: a temp dir)")
     args = p.parse_args()
 
     from tpserve.engine.config import EngineConfig
@@ -66,19 +77,20 @@ def main() -> None:
     from tpserve.parallel.executor import RayExecutor
 
     cfg = model_config(args.shape, args.layers)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_tp-"))
+    tmp = args.workspace_dir or Path(tempfile.mkdtemp(prefix="bench_tp-"))
+    name = f"{args.shape}-{args.layers}l"
     config = EngineConfig(cache_max_entry_count=256, cache_block_seq_len=64, device=args.device,
                           eager_mode=args.eager_mode, max_batch_size=max(8, args.batch))
     batch = decode_batch(args.batch, args.context, 64)
     sampling = greedy_rows(args.batch)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    ws = random_workspace(cfg, tmp / f"tp{args.tp}", args.tp)
+    ws = workspace(cfg, tmp / f"{name}-tp{args.tp}", args.tp)
     ex = RayExecutor(args.tp, functools.partial(ModelRunner, ws, read_meta(ws), config),
                      device=args.device)
     total = timed(lambda: ex.step(batch, sampling), args.steps)
     parts = ex._call("time_steps", batch, sampling, args.steps)  # timed inside rank 0
     ex.shutdown()
-    ws1 = random_workspace(cfg, tmp / "tp1", 1)
+    ws1 = workspace(cfg, tmp / f"{name}-tp1", 1)
     runner = ModelRunner(ws1, read_meta(ws1), config)
 
     def local():

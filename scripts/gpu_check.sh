@@ -3,13 +3,14 @@
 #
 #   scripts/gpu_check.sh [PART ...]     (default: tests kernels latency throughput)
 #
-# Parts: tests      GPU tests (tests/gpu; the tensor-parallel ones need 2+ GPUs and Ray)
+# Parts: tests      GPU tests ($TESTS, default tests/gpu; the tensor-parallel ones need 2+ GPUs)
 #        kernels    kernel benchmarks
 #        latency    batch-1/8 decode on the Llama-3-8B shape, CUDA graphs vs eager vs transformers
 #        throughput ShareGPT-like requests on the Llama-3-8B shape vs transformers
 #        w4a16      decode with random 4-bit AWQ weights (Llama-3-8B shape) vs bf16
 #        kvint8     int8 vs bf16 KV cache at a KV-bound batch (Llama-2-7B shape)
 #        tp         tp=1/2/4 batch-1 decode on the Llama-3-8B shape (as many GPUs as there are)
+#        tpstep     all-reduce micro-benchmark, and where a tp=2 step's time goes (NCCL vs one-shot)
 #        serving    bench_serving.py through the Ray Serve app vs the in-process engine
 #        clean      remove the random workspaces ($BENCH_DIR, default /tmp/tpserve-bench)
 #
@@ -52,7 +53,7 @@ for part in "${parts[@]}"; do
   echo "=== $part"
   case $part in
   tests)
-    python3 -m pytest tests/gpu -q -rs 2>&1 | tee "$out/gpu_tests.log" | tail -8
+    timeout -k 10 "${TESTS_TIMEOUT:-1200}" python3 -m pytest ${TESTS:-tests/gpu} -q -rs 2>&1 | tee "$out/gpu_tests.log" | tail -8
     note "tests: $(tail -1 "$out/gpu_tests.log")";;
   kernels)
     python3 scripts/bench_kernels.py 2>&1 | tee "$out/bench_kernels.log" | tail -40;;
@@ -91,13 +92,25 @@ for part in "${parts[@]}"; do
     for tp in 2 4; do
       [ "$gpus" -ge $tp ] || continue
       ws=$(workspace l3tp$tp --shape llama3-8b --tp $tp)
-      python3 scripts/bench_latency.py --workspace "$ws" --tp $tp --batch 1 8 --out-len 128 \
+      timeout -k 10 400 python3 scripts/bench_latency.py --workspace "$ws" --tp $tp --batch 1 8 --out-len 128 \
         --label tp=$tp --no-baseline --json "$out/tp$tp.json" 2>&1 | tail -4
-    done
-    python3 scripts/bench_tp.py --tp 2 2>&1 | tail -3;;
+    done;;
+  tpstep)
+    [ "$gpus" -ge 2 ] || { echo "tpstep needs 2 GPUs"; continue; }
+    ws1=$(workspace l3 --shape llama3-8b)
+    ws2=$(workspace l3tp2 --shape llama3-8b --tp 2)
+    mkdir -p "$scratch/bench_tp"  # the same random weights as the tp part
+    ln -sfn "$ws1" "$scratch/bench_tp/llama3-8b-32l-tp1"
+    ln -sfn "$ws2" "$scratch/bench_tp/llama3-8b-32l-tp2"
+    timeout -k 10 120 python3 scripts/bench_all_reduce.py 2>&1 | grep -v Warn | tail -4
+    for ar in ${ALLREDUCE_MODES:-nccl auto}; do  # NCCL only, then with the one-shot all-reduce
+      echo "all-reduce: $ar"
+      TPSERVE_ALLREDUCE=$ar timeout -k 10 200 python3 scripts/bench_tp.py --tp 2 --layers 32 \
+        --workspace-dir "$scratch/bench_tp" 2>&1 | tail -3
+    done;;
   serving)
     ws=$(workspace l3 --shape llama3-8b)
-    python3 scripts/bench_serving_compare.py --workspace "$ws" --json "$out/serving.json" 2>&1 \
+    timeout -k 10 330 python3 scripts/bench_serving_compare.py --workspace "$ws" --json "$out/serving.json" 2>&1 \
       | tee "$out/bench_serving.log" | tail -12;;
   *) echo "unknown part $part";;
   esac

@@ -135,3 +135,20 @@ def test_killed_rank_fails_the_next_step_fast(llama_llm):
     assert time.monotonic() - start < 30
     with pytest.raises(ExecutorDeadError):
         ex.check_health()
+
+
+@pytest.mark.parametrize("visible, gpu_id, index", [
+    ("2,3", "3", 1),    # the node's list narrowed by whoever started Ray
+    (None, 1, 1),       # all GPUs visible: Ray's id is the index
+    ("GPU-aa,GPU-bb", "GPU-bb", 1),
+    ("5", "5", 0),      # a Ray that narrowed the list to this actor's GPU anyway
+])
+def test_local_gpu_index(monkeypatch, visible, gpu_id, index):
+    from tpserve.parallel import worker
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [gpu_id])
+    assert worker.local_gpu_index() == index
