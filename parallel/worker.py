@@ -116,6 +116,24 @@ class TPWorker:
                 parts[key] += dt * 1e3 / steps
         return parts
 
+    def profile_steps(self, batch, sampling, steps: int) -> str:
+        """Rank 0, for benchmarks: the device kernels of `steps` steps (torch.profiler),
+        with their summed time a step against the wall time a step: the difference is
+        time the device sat idle (launch gaps, waiting for the other ranks)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.use_gpu else [])
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.step(batch, sampling)
+            wall_ms = (time.perf_counter() - start) * 1e3 / steps
+        events = prof.key_averages()
+        attr = "self_device_time_total" if self.use_gpu else "self_cpu_time_total"
+        busy_ms = sum(getattr(e, attr) for e in events) / 1e3 / steps
+        table = events.table(sort_by=attr, row_limit=15)
+        return f"{table}\nwall {wall_ms:.3f} ms a step, kernels {busy_ms:.3f} ms a step"
+
     def open_step_server(self) -> tuple[str, int, str]:
         """Rank 0: listens for the engine's step connection; (address, port, token)."""
         host = ray.util.get_node_ip_address()
@@ -125,7 +143,8 @@ class TPWorker:
     def serve_steps(self, accept_timeout_s: float) -> int:
         """Rank 0: runs the engine's calls (execute, step, time_steps) until it says
         stop or disconnects; then ends the other ranks' loops. Returns the step count."""
-        handlers = {"execute": self.execute, "step": self.step, "time_steps": self.time_steps}
+        handlers = {"execute": self.execute, "step": self.step, "time_steps": self.time_steps,
+                    "profile_steps": self.profile_steps}
         try:
             return self._steps.serve(handlers, accept_timeout_s)
         finally:

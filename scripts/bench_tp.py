@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--eager-mode", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--profile", action="store_true",
+                   help="also print rank 0's kernel table (torch.profiler) for the tp step")
     p.add_argument("--workspace-dir", type=Path,
                    help="keep the random workspaces here and reuse them (default: a temp dir)")
     args = p.parse_args()
@@ -89,6 +91,8 @@ def main() -> None:
                      device=args.device)
     total = timed(lambda: ex.step(batch, sampling), args.steps)
     parts = ex._call("time_steps", batch, sampling, args.steps)  # timed inside rank 0
+    if args.profile:
+        print(ex._call("profile_steps", batch, sampling, min(args.steps, 20)))
     ex.shutdown()
     ws1 = workspace(cfg, tmp / f"{name}-tp1", 1)
     runner = ModelRunner(ws1, read_meta(ws1), config)

@@ -106,7 +106,8 @@ for part in "${parts[@]}"; do
     for ar in ${ALLREDUCE_MODES:-nccl auto}; do  # NCCL only, then with the one-shot all-reduce
       echo "all-reduce: $ar"
       TPSERVE_ALLREDUCE=$ar timeout -k 10 200 python3 scripts/bench_tp.py --tp 2 --layers 32 \
-        --workspace-dir "$scratch/bench_tp" 2>&1 | tail -3
+        --profile --workspace-dir "$scratch/bench_tp" > "$out/bench_tp_$ar.log" 2>&1
+      grep "kernels\|tp=" "$out/bench_tp_$ar.log"
     done;;
   serving)
     ws=$(workspace l3 --shape llama3-8b)
