@@ -25,6 +25,9 @@ SHAPES = {
     "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1000000.0,
                        qkv_bias=True),
+    # for measuring host-side costs on a CPU: the forward takes next to nothing
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_layers=2,
+                 num_heads=4, num_kv_heads=2, rope_theta=10000.0),
 }
 
 
