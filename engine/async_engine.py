@@ -38,10 +38,19 @@ class _Stream:
     queue: asyncio.Queue  # RequestOutput items, or an exception to raise
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening
-            pass
+        _post(self.loop, self.queue.put_nowait, item)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable, arg) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, arg)
+    except RuntimeError:  # the consumer's loop is closed: nobody is listening
+        pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 class AsyncLLMEngine:
@@ -140,12 +149,17 @@ class AsyncLLMEngine:
         self._deliver(self.engine.end_session(session_id))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hands a step's outputs to their streams: one wake-up per event loop, not one
+        per output (each is a write to the loop's self-pipe, on the step's path)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if output.finished:
                 self._streams.pop(output.request_id, None)
             if stream is not None:
-                stream.put(output)
+                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in by_loop.items():
+            _post(loop, _put_all, items)
 
     def _run_loop(self) -> None:
         try:
