@@ -41,7 +41,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, nq, d] over the paged cache; returns [T, nq, d]."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scales)
+    decode = max_query_len == 1 and q.shape[0] == seq_lens.shape[0]
     if not use_triton(q):
+        if decode:
+            return reference.decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                              scale, sliding_window, k_scales, v_scales)
         return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                          query_start_loc, max_query_len, max_seq_len, scale,
                                          sliding_window, k_scales, v_scales)
@@ -49,7 +53,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q = q.contiguous()
     if q.shape[0] == 0:
         return torch.empty_like(q)
-    if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
+    if decode:
         return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len,
                                 scale, sliding_window, k_scales, v_scales)
     return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,

@@ -134,6 +134,44 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     return out
 
 
+def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None,
+                     k_scales=None, v_scales=None) -> torch.Tensor:
+    """paged_attention for one query token per request, all requests at once: each
+    request's cache pages are gathered into a [B, L, nkv, d] tensor (L: the longest
+    context, rounded up to whole pages) and masked past its own length; then one
+    batched matmul pair per kv head, which reads that head's strided slice in place.
+    This is the CPU path of decode steps; the per-request loop above costs a Python
+    iteration per request and layer."""
+    b, nq, d = q.shape
+    page, nkv = k_cache.shape[1], k_cache.shape[2]
+    if b == 0:
+        return torch.empty_like(q)
+    pages = -(-int(seq_lens.max()) // page)
+    tables = block_tables[:, :pages].long()
+
+    def gather(cache, scales):
+        x = cache[tables].float()  # [B, pages, page, nkv, d]
+        if cache.dtype == torch.int8:
+            sc = scales[tables].float()
+            x = x * sc[..., 0:1] + sc[..., 1:2]
+        return x.reshape(b, pages * page, nkv, d)
+
+    k, v = gather(k_cache, k_scales), gather(v_cache, v_scales)
+    kpos = torch.arange(pages * page, device=q.device)
+    lens = seq_lens.long()[:, None]
+    visible = kpos[None, :] < lens
+    if sliding_window is not None:  # the query sits at position len - 1
+        visible &= kpos[None, :] > lens - 1 - sliding_window
+    hidden = ~visible[:, None, :]
+    qg = q.float().reshape(b, nkv, nq // nkv, d)
+    out = torch.empty(b, nkv, nq // nkv, d, device=q.device)
+    for h in range(nkv):
+        s = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2)) * scale
+        p = torch.softmax(s.masked_fill_(hidden, float("-inf")), dim=-1)
+        out[:, h] = torch.bmm(p.nan_to_num_(0.0), v[:, :, h])  # no context: zeros
+    return out.reshape(b, nq, d).to(q.dtype)
+
+
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """[R, C] int32 in AutoAWQ GEMM order -> [R, C*8] int32 nibbles 0..15."""
     shifts = torch.arange(8, device=packed.device, dtype=torch.int32) * 4
