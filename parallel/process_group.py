@@ -70,6 +70,18 @@ def init_tp_group(rank: int, world_size: int, master_addr: str, master_port: int
     return group
 
 
+def join_local_gpus(rank: int, world_size: int, port: int) -> tuple[DistGroup, torch.device]:
+    """For tests and benchmarks that start one process per GPU of this machine
+    (torch.multiprocessing): joins them as one NCCL group over 127.0.0.1:port,
+    rank r on GPU r."""
+    set_worker_env()
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, device_id=device)
+    return DistGroup(), device
+
+
 def min_over_ranks(group: TPGroup, value: int, device: torch.device) -> int:
     """The smallest `value` any rank holds (e.g. KV blocks that fit on every rank)."""
     if group.world_size == 1:

@@ -43,15 +43,9 @@ def per_call_us(fn, x: torch.Tensor) -> float:
 def rank_main(rank: int, world: int, port: int, hidden: int) -> None:
     import torch.distributed as dist
 
-    from tpserve.parallel.comm import DistGroup
-    from tpserve.parallel.process_group import set_worker_env
+    from tpserve.parallel.process_group import join_local_gpus
 
-    set_worker_env()
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, device_id=device)
-    group = DistGroup()
+    group, device = join_local_gpus(rank, world, port)
     group.prepare_all_reduce(torch.bfloat16, device)
 
     def nccl(x):
