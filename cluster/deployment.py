@@ -11,6 +11,7 @@ fails (or, at tp = 1, once the engine died), and Ray Serve then replaces the rep
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import logging
@@ -100,9 +101,12 @@ class _ASGIAppResponse(Response):
 class TpserveDeployment:
     """The user class of the Serve deployment (decorated in `app.build_app`)."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    async def __init__(self, config: ServeConfig) -> None:
+        # Serve awaits an async constructor. Loading the model takes minutes; it runs
+        # in a thread so the replica's event loop, which also answers Serve's control
+        # calls (placement.REPLICA_ENV puts our code on it), stays free.
         self.config = config
-        self.serving = load_factory(config.engine_factory)(config)
+        self.serving = await asyncio.to_thread(load_factory(config.engine_factory), config)
         self.app = build_api_app(self.serving, config.api_options())
         logger.info("tpserve replica serving %s", self.serving.model_id)
 

@@ -38,7 +38,9 @@ def test_deployment_options_pass_through():
     opts = deployment_options(config, "cuda")
     assert opts["num_replicas"] == 3 and opts["max_ongoing_requests"] == 99
     # tp > 1: every rank is its own GPU actor; the replica holds no GPU
-    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+    assert opts["ray_actor_options"] == {
+        "num_cpus": 1.0, "num_gpus": 0,
+        "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
     assert len(opts["placement_group_bundles"]) == 3 and "autoscaling_config" not in opts
     single = deployment_options(ServeConfig(model="m", tp=1), "cuda")
     assert single["ray_actor_options"]["num_gpus"] == 1
