@@ -119,30 +119,31 @@ def _serve_with_ray(config: ServeConfig, args: argparse.Namespace) -> int:
     from ray import serve
 
     from .app import build_app_from_config
+    from .serve_env import set_cluster_env
 
+    if args.ray_address is None:
+        set_cluster_env()
     ray.init(address=args.ray_address, namespace="serve", log_to_driver=True)
+    # after ray.init (whose handlers it replaces): a SIGTERM while the app is still
+    # deploying must stop it too, not be lost
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": args.server_name, "port": args.server_port})
         serve.run(build_app_from_config(config), name="tpserve", route_prefix="/")
         print(f"tpserve: serving {config.model_name or config.model or 'the demo model'} at "
               f"http://{args.server_name}:{args.server_port}/v1 (Ray Serve; Ctrl-C stops)", flush=True)
-        _wait_for_signal()
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("tpserve: shutting down", file=sys.stderr, flush=True)
     finally:
         _stop_ray_app(joined=args.ray_address is not None)
     return 0
 
 
-def _wait_for_signal() -> None:
-    def stop(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; let the cleanup finish
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("tpserve: shutting down", file=sys.stderr, flush=True)
+def _interrupt(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; let the cleanup finish
+    raise KeyboardInterrupt
 
 
 def _stop_ray_app(joined: bool) -> None:
