@@ -104,7 +104,7 @@ class TpserveDeployment:
     async def __init__(self, config: ServeConfig) -> None:
         # Serve awaits an async constructor. Loading the model takes minutes; it runs
         # in a thread so the replica's event loop, which also answers Serve's control
-        # calls (placement.REPLICA_ENV puts our code on it), stays free.
+        # calls (serve_env.REPLICA_ENV puts our code on it), stays free.
         self.config = config
         self.serving = await asyncio.to_thread(load_factory(config.engine_factory), config)
         self.app = build_api_app(self.serving, config.api_options())

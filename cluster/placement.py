@@ -14,14 +14,9 @@ from typing import Any
 from tpserve.engine.errors import ConfigError
 
 from .serve_config import STRATEGIES, ServeConfig
+from .serve_env import REPLICA_ENV
 
 
-# Serve runs a replica's code on an event loop of its own by default, so each
-# streamed chunk crosses threads on its way out; the engine's outputs already
-# arrive from its own thread. On the replica's main loop, the mean TPOT of 16
-# streams through Serve fell from 1.08-1.10x to 1.01-1.02x that of the
-# in-process server (scripts/bench_serving_transport.py).
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def placement_for(tp: int, strategy: str = "STRICT_PACK", cpus_per_replica: float = 1,

@@ -8,10 +8,9 @@ The same load (bench_serving.py) runs against it in three setups, each in a
 fresh process:
 
 - in-process: the starlette app under uvicorn;
-- ray-serve: the Ray Serve app as tpserve deploys it (user code on the
-  replica's main event loop, see cluster/placement.py REPLICA_ENV);
-- ray-serve-thread: the same with Serve's default, user code on a thread of
-  its own.
+- ray-serve: the Ray Serve app with the settings `tpserve serve api_server`
+  uses (cluster/serve_env.py);
+- ray-serve-defaults: the same app with Serve's default settings.
 
 Any TPOT above the token delay is transport; the ratio to in-process is what
 Serve adds.
@@ -30,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = ROOT / "tests" / "cpu"  # api_fakes.py: the fake engine
-MODES = ("in-process", "ray-serve", "ray-serve-thread")
+MODES = ("in-process", "ray-serve", "ray-serve-defaults")
 
 
 def serve_one(mode: str, args: argparse.Namespace, out: Path) -> None:
@@ -57,11 +56,13 @@ def serve_one(mode: str, args: argparse.Namespace, out: Path) -> None:
         import ray
         from ray import serve
 
-        from tpserve.cluster import placement
+        from tpserve.cluster import serve_env
         from tpserve.cluster.app import build_app
 
-        if mode == "ray-serve-thread":
-            placement.REPLICA_ENV.clear()  # Serve's default
+        if mode == "ray-serve":
+            serve_env.set_cluster_env()
+        else:
+            serve_env.REPLICA_ENV.clear()
         path = os.pathsep.join([str(FAKES), os.environ.get("PYTHONPATH", "")])
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})

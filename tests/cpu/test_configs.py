@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,32 @@ def test_cluster_yaml_passes_ray_schema(name, provider):
     assert any("pip install" in c and "tpserve" in c for c in config["setup_commands"])
     assert any("--num-gpus=0" in c for c in config["head_start_ray_commands"])
     validate_config(prepare_config(config))
+
+
+@pytest.mark.parametrize("name", ["ray-local.yaml", "ray-aws.yaml"])
+def test_every_ray_start_carries_the_serve_cluster_env(name):
+    """The proxies start with Ray: the settings they need must precede `ray start`."""
+    from tpserve.cluster.serve_env import CLUSTER_ENV
+
+    config = load(name)
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in config[key] if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        for key, value in CLUSTER_ENV.items():
+            assert f"{key}={value} ray start" in command, command
+
+
+def test_set_cluster_env_keeps_what_the_user_set(monkeypatch):
+    from tpserve.cluster.serve_env import CLUSTER_ENV, set_cluster_env
+
+    (key, value), = CLUSTER_ENV.items()
+    monkeypatch.delenv(key, raising=False)
+    set_cluster_env()
+    assert os.environ[key] == value
+    monkeypatch.setenv(key, "0")
+    set_cluster_env()
+    assert os.environ[key] == "0"
 
 
 def test_aws_head_has_no_gpu():
