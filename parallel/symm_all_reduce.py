@@ -57,6 +57,7 @@ class SymmAllReduce:
             return None
         if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return None
+        fast = None
         try:
             fast = cls(group, dtype, device)
             probe = torch.full((1024,), float(dist.get_rank(group) + 1), dtype=dtype,
@@ -70,7 +71,7 @@ class SymmAllReduce:
         # every rank must take the same path, or their collectives would not match
         flag = torch.tensor([int(ok)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        return fast if flag.item() == 1 else None
+        return fast if ok and flag.item() == 1 else None
 
     def fits(self, x: torch.Tensor) -> bool:
         return (x.dtype == self.dtype and x.is_contiguous()
