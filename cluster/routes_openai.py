@@ -6,7 +6,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -127,28 +127,25 @@ async def chat_completions(request: Request):
 
 
 async def _chat_events(job: _Job, body: ChatCompletionRequest) -> AsyncIterator[dict]:
-    model, with_usage = job.serving.model_id, body.include_usage()
     started: set[int] = set()
-    completion_tokens = 0
-    async with aclosing(job.outputs()) as outputs:
-        async for i, out in outputs:
-            _check_not_aborted(out)
-            completion_tokens += len(out.delta_token_ids)
-            delta: dict = {}
-            if i not in started:
-                started.add(i)
-                delta["role"] = "assistant"
-            if out.delta_text or delta:
-                delta["content"] = out.delta_text
-            if not delta and not out.finished and not out.delta_logprobs:
-                continue
-            logprobs = (fmt.chat_logprobs(out.delta_logprobs, job.serving.token_text)
-                        if body.logprobs else None)
-            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}
-            yield fmt.chat_chunk(job.rid, job.created, model, choice, None, with_usage)
-    if with_usage:
-        yield fmt.chat_chunk(job.rid, job.created, model, None,
-                             fmt.usage(job.prompt_tokens, completion_tokens), True)
+
+    def choice_of(i: int, out) -> dict | None:
+        delta: dict = {}
+        if i not in started:
+            started.add(i)
+            delta["role"] = "assistant"
+        if out.delta_text or delta:
+            delta["content"] = out.delta_text
+        if not delta and not out.finished and not out.delta_logprobs:
+            return None
+        logprobs = (fmt.chat_logprobs(out.delta_logprobs, job.serving.token_text)
+                    if body.logprobs else None)
+        return {"index": i, "delta": delta, "logprobs": logprobs,
+                "finish_reason": out.finish_reason}
+
+    async with aclosing(_events(job, body.include_usage(), choice_of, fmt.chat_chunk)) as events:
+        async for event in events:
+            yield event
 
 
 # ---- completions -----------------------------------------------------------
@@ -175,26 +172,40 @@ async def completions(request: Request):
 
 
 async def _completion_events(job: _Job, body: CompletionRequest) -> AsyncIterator[dict]:
-    model, with_usage = job.serving.model_id, body.include_usage()
-    offsets: dict[int, int] = {}
-    completion_tokens = 0
+    offsets: dict[int, int] = {}  # text already sent per choice, for logprobs' text_offset
+
+    def choice_of(i: int, out) -> dict | None:
+        if not out.delta_text and not out.finished and not out.delta_logprobs:
+            return None
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = fmt.completion_logprobs(out.delta_logprobs, job.serving.token_text,
+                                               offsets.get(i, 0))
+        offsets[i] = offsets.get(i, 0) + len(out.delta_text)
+        return {"index": i, "text": out.delta_text, "logprobs": logprobs,
+                "finish_reason": out.finish_reason}
+
+    async with aclosing(_events(job, body.include_usage(), choice_of,
+                                fmt.completion_chunk)) as events:
+        async for event in events:
+            yield event
+
+
+async def _events(job: _Job, with_usage: bool, choice_of: Callable[[int, Any], dict | None],
+                  chunk: Callable[..., dict]) -> AsyncIterator[dict]:
+    """What both endpoints stream: a chunk for each output that `choice_of` turns into a
+    choice (None: nothing to send), then the usage chunk when the client asked for it."""
+    model, completion_tokens = job.serving.model_id, 0
     async with aclosing(job.outputs()) as outputs:
         async for i, out in outputs:
             _check_not_aborted(out)
             completion_tokens += len(out.delta_token_ids)
-            if not out.delta_text and not out.finished and not out.delta_logprobs:
-                continue
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = fmt.completion_logprobs(out.delta_logprobs, job.serving.token_text,
-                                                   offsets.get(i, 0))
-            offsets[i] = offsets.get(i, 0) + len(out.delta_text)
-            choice = {"index": i, "text": out.delta_text, "logprobs": logprobs,
-                      "finish_reason": out.finish_reason}
-            yield fmt.completion_chunk(job.rid, job.created, model, choice, None, with_usage)
+            choice = choice_of(i, out)
+            if choice is not None:
+                yield chunk(job.rid, job.created, model, choice, None, with_usage)
     if with_usage:
-        yield fmt.completion_chunk(job.rid, job.created, model, None,
-                                   fmt.usage(job.prompt_tokens, completion_tokens), True)
+        yield chunk(job.rid, job.created, model, None,
+                    fmt.usage(job.prompt_tokens, completion_tokens), True)
 
 
 async def list_models(request: Request):
