@@ -2,10 +2,11 @@
 
     python3 scripts/bench_tp.py --tp 2 [--batch 1] [--hidden 4096 --layers 4] [--eager-mode]
 
-Times, on a random Llama: the executor's step as the engine sees it (one Ray
-call to rank 0, which broadcasts the batch, runs and samples), and inside rank
-0 the batch broadcast, the forward + sampling, and the copy back; then the same
-model at tp=1 in this process.
+Times, on a random Llama: the executor's step as the engine sees it (one call
+to rank 0 over the step socket; rank 0 broadcasts the batch, runs and samples),
+inside rank 0 the batch broadcast, the forward + sampling and the copy back,
+and the round trip of a call that carries a step's arguments but runs nothing;
+then the same model at tp=1 in this process.
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def main() -> None:
                      device=args.device)
     total = timed(lambda: ex.step(batch, sampling), args.steps)
     parts = ex._call("time_steps", batch, sampling, args.steps)  # timed inside rank 0
+    # the engine <-> rank 0 link alone: a call with a step's arguments that does no step
+    round_trip = timed(lambda: ex._call("time_steps", batch, sampling, 0), args.steps)
     if args.profile:
         print(ex._call("profile_steps", batch, sampling, min(args.steps, 20)))
     ex.shutdown()
@@ -105,7 +108,8 @@ def main() -> None:
           f"{'CUDA graphs' if torch.cuda.is_available() and not args.eager_mode else 'eager'}")
     print(f"tp=1 in process: {tp1:.3f} ms/step")
     print(f"tp={args.tp} executor:  {total:.3f} ms/step; inside rank 0: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+          + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+          + f"; an empty call's round trip {round_trip:.3f}")
 
 
 if __name__ == "__main__":
