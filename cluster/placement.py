@@ -17,8 +17,6 @@ from .serve_config import STRATEGIES, ServeConfig
 from .serve_env import REPLICA_ENV
 
 
-
-
 def placement_for(tp: int, strategy: str = "STRICT_PACK", cpus_per_replica: float = 1,
                   device: str = "cuda") -> dict[str, Any]:
     """Placement group bundles and strategy for one replica; device "cpu" uses CPU bundles."""

@@ -47,9 +47,15 @@ def local_gpu_index() -> int:
     """
     gpu = str(ray.get_gpu_ids()[0])
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
-    if visible:
-        return visible.index(gpu) if gpu in visible else 0
-    return int(gpu)
+    if not visible:
+        return int(gpu)
+    if gpu in visible:
+        return visible.index(gpu)
+    if len(visible) == 1:
+        return 0
+    raise RuntimeError(f"Ray gave this rank GPU {gpu}, which is not in this node's "
+                       f"CUDA_VISIBLE_DEVICES={','.join(visible)}; start Ray on this node with "
+                       f"the same CUDA_VISIBLE_DEVICES the ranks should use")
 
 
 class TPWorker:

@@ -152,3 +152,12 @@ def test_local_gpu_index(monkeypatch, visible, gpu_id, index):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [gpu_id])
     assert worker.local_gpu_index() == index
+
+
+def test_local_gpu_index_refuses_a_gpu_it_cannot_place(monkeypatch):
+    from tpserve.parallel import worker
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["3"])
+    with pytest.raises(RuntimeError, match="not in this node's CUDA_VISIBLE_DEVICES=0,1"):
+        worker.local_gpu_index()
