@@ -5,14 +5,13 @@ one host never collide and no port is reserved then released; the other ranks
 connect to that address. Each rank then holds two groups:
 
 - the compute group (NCCL on CUDA, gloo on CPU) the model's collectives use;
-- a gloo control group on which rank 0 broadcasts each step's inputs
-  (`BatchChannel`). Its timeout is very long because the other ranks block on
-  it while the engine is idle, and an NCCL wait that long would trip the
-  NCCL watchdog.
+- a gloo control group that carries each step's inputs from rank 0 to the
+  others (batch_channel.py). Its timeout is very long because the other ranks
+  may wait on it while the engine is idle, and an NCCL wait that long would
+  trip the NCCL watchdog.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from datetime import timedelta
 
@@ -89,114 +88,3 @@ def min_over_ranks(group: TPGroup, value: int, device: torch.device) -> int:
     local = torch.tensor([value], dtype=torch.int64, device=device)
     return int(group.all_gather(local, dim=0).min())
 
-
-class BatchChannel:
-    """Rank 0 sends a dataclass of integer tensors and ints; the other ranks receive it.
-
-    Per step: one fixed-size message, a header (command, payload length, shapes,
-    int fields) followed by the int64 payload with every tensor flattened; a
-    payload too long for it follows in a second broadcast. (A decode step fits
-    in one; each gloo broadcast costs a few hundred microseconds on the step's
-    critical path.) The dataclass type and field layout travel once (pickled)
-    and whenever they change.
-    """
-
-    STEP, SCHEMA, STOP = 1, 2, 3
-    HEADER_LEN = 64
-    MESSAGE_LEN = 4096  # int64s: header and, when it fits, the payload
-
-    def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-        self.rank = dist.get_rank()
-        self._schema: tuple | None = None  # (cls, [(name, dtype or None, ndim)])
-
-    def send(self, obj) -> None:
-        schema = _schema_of(obj)
-        if schema != self._schema:
-            self._header(self.SCHEMA, 0)
-            box = [schema]
-            dist.broadcast_object_list(box, src=0, group=self.group)
-            self._schema = schema
-        shapes, ints, parts = [], [], []
-        for (name, dtype, _), value in zip(schema[1], _values(obj)):
-            if dtype is None:
-                ints.append(int(value))
-            else:
-                shapes.extend(value.shape)
-                parts.append(value.reshape(-1).to(torch.int64))
-        payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-        inline = payload.numel() <= self.MESSAGE_LEN - self.HEADER_LEN
-        self._header(self.STEP, payload.numel(), shapes + ints, payload if inline else None)
-        if not inline:
-            dist.broadcast(payload, src=0, group=self.group)
-
-    def stop(self) -> None:
-        self._header(self.STOP, 0)
-
-    def recv(self):
-        """The next object rank 0 sent, or None when it sent stop."""
-        while True:
-            message = torch.empty(self.MESSAGE_LEN, dtype=torch.int64)
-            dist.broadcast(message, src=0, group=self.group)
-            cmd, size, *rest = message[:self.HEADER_LEN].tolist()
-            if cmd == self.STOP:
-                return None
-            if cmd == self.SCHEMA:
-                box = [None]
-                dist.broadcast_object_list(box, src=0, group=self.group)
-                self._schema = box[0]
-                continue
-            if size <= self.MESSAGE_LEN - self.HEADER_LEN:
-                payload = message[self.HEADER_LEN:self.HEADER_LEN + size]
-            else:
-                payload = torch.empty(size, dtype=torch.int64)
-                dist.broadcast(payload, src=0, group=self.group)
-            return _rebuild(self._schema, payload, rest)
-
-    def _header(self, cmd: int, size: int, fields: list[int] = (),
-                payload: torch.Tensor | None = None) -> None:
-        message = torch.zeros(self.MESSAGE_LEN, dtype=torch.int64)
-        header = message[:self.HEADER_LEN]
-        values = [cmd, size, *fields]
-        if len(values) > self.HEADER_LEN:
-            raise ValueError(f"a step message has {len(values)} header fields, "
-                             f"more than {self.HEADER_LEN}")
-        header[:len(values)] = torch.tensor(values, dtype=torch.int64)
-        if payload is not None:
-            message[self.HEADER_LEN:self.HEADER_LEN + payload.numel()] = payload
-        dist.broadcast(message, src=0, group=self.group)
-
-
-def _values(obj) -> list:
-    return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-
-
-def _schema_of(obj) -> tuple:
-    fields = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, torch.Tensor):
-            if value.is_floating_point() or value.is_complex():
-                raise TypeError(f"{f.name}: only integer tensors can be broadcast, got {value.dtype}")
-            fields.append((f.name, value.dtype, value.dim()))
-        else:
-            fields.append((f.name, None, 0))
-    return type(obj), fields
-
-
-def _rebuild(schema: tuple, payload: torch.Tensor, header: list[int]):
-    cls, fields = schema
-    dims = sum(ndim for _, dtype, ndim in fields if dtype is not None)
-    shapes, ints = header[:dims], iter(header[dims:])
-    values, offset = {}, 0
-    for name, dtype, ndim in fields:
-        if dtype is None:
-            values[name] = next(ints)
-            continue
-        shape, shapes = shapes[:ndim], shapes[ndim:]
-        numel = 1
-        for d in shape:
-            numel *= d
-        values[name] = payload[offset:offset + numel].view(shape).to(dtype)
-        offset += numel
-    return cls(**values)

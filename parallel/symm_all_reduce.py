@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
+
+from .hosts import same_host
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,7 @@ class SymmAllReduce:
         Collective: every rank of the group calls it with the same arguments."""
         if os.environ.get("TPSERVE_ALLREDUCE", "auto") == "nccl":
             return None
-        hosts: list[str | None] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        if len(set(hosts)) > 1:  # peer memory reaches only the GPUs of one node
+        if not same_host(group):  # peer memory reaches only the GPUs of one node
             return None
         if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return None

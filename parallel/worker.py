@@ -1,11 +1,11 @@
 """One tensor-parallel rank in its own process (a Ray actor): its group and its runner.
 
 Rank 0 is driven by the executor over a TCP socket (`serve_steps`, see
-step_socket.py: a Ray call a step cost milliseconds) and broadcasts each
-step's batch to the other ranks over the gloo control group; ranks 1.. sit in
-`serve` (`while batch := recv(): runner.execute(batch)`). Rank 0 also samples,
-so only the sampled token ids (and any logprobs) travel back, not [S, vocab]
-logits. scripts/bench_tp.py times each part of a step.
+step_socket.py: a Ray call a step cost milliseconds) and hands each step's
+batch to the other ranks (batch_channel.py: shared memory on one host, gloo
+across hosts); ranks 1.. sit in `serve` (`while batch := recv():
+runner.execute(batch)`). Rank 0 also samples, so only the sampled token ids
+(and any logprobs) travel back, not [S, vocab] logits. scripts/bench_tp.py times each part of a step.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import ray
 import torch
 
 from .comm import TPGroup
-from .process_group import BatchChannel, init_tp_group, open_store, set_worker_env
+from .batch_channel import open_batch_channel
+from .process_group import init_tp_group, open_store, set_worker_env
 from .step_socket import StepServer
 
 
@@ -69,7 +70,7 @@ class TPWorker:
         self.device_index = local_gpu_index() if use_gpu else None
         self._store = None
         self._steps: StepServer | None = None
-        self.channel: BatchChannel | None = None
+        self.channel = None  # batch_channel.py: rank 0 sends each step to the others
         self.runner: Runner | None = None
 
     def open_rendezvous(self, timeout_s: float) -> tuple[str, int]:
@@ -89,7 +90,7 @@ class TPWorker:
             device, backend = torch.device("cuda", self.device_index), "nccl"
         group = init_tp_group(self.rank, self.world_size, master_addr, master_port, backend,
                               device, timeout_s, self._store)
-        self.channel = BatchChannel()
+        self.channel = open_batch_channel(spin_s=0.1 if self.use_gpu else 0.0)
         self.runner = runner_factory(self.rank, group)
         return {"num_blocks": self.runner.num_blocks, "block_size": self.runner.block_size,
                 "vocab_size": self.runner.vocab_size}
