@@ -21,7 +21,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .paged_kv import load_int8_kv_tile, load_kv_tile, online_softmax_step
+    from .paged_kv import load_kv_tile, online_softmax_step
 
     @triton.jit
     def _decode_split_kernel(
@@ -55,34 +55,17 @@ if HAS_TRITON:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
         table = table_ptr + b * s_tab
-        if QUANT:  # q . (x * scale + zp) = scale * (q . x) + zp * sum(q)
-            q_sum = tl.sum(q.to(tl.float32), axis=1)
         for n0 in range(begin, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             valid = (offs < end) & (offs >= kv_start)
-            if QUANT:
-                k, k_scale, k_zp = load_int8_kv_tile(
-                    kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh, s_sb, s_ss,
-                    s_sh, cols, dmask, PAGE, q.dtype)
-                s = tl.dot(q, tl.trans(k)) * k_scale[None, :] + q_sum[:, None] * k_zp[None, :]
-                s = s * scale_log2
-            else:
-                k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                                 s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype)
-                s = tl.dot(q, tl.trans(k)) * scale_log2
+            k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
+                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
             s = tl.where(valid[None, :], s, float("-inf"))
             p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-            if QUANT:  # p @ (x * scale + zp) = (p * scale) @ x + (p . zp)
-                v, v_scale, v_zp = load_int8_kv_tile(
-                    vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh, s_sb, s_ss,
-                    s_sh, cols, dmask, PAGE, q.dtype)
-                pv = tl.dot((p * v_scale[None, :]).to(v.dtype), v)
-                pv += tl.sum(p * v_zp[None, :], axis=1)[:, None]
-            else:
-                v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                                 s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype)
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+            v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
+                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))

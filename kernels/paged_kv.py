@@ -1,4 +1,4 @@
-"""Triton helpers shared by the attention kernels: read a tile of paged K or V."""
+"""Triton helper shared by the attention kernels: read a tile of paged K or V."""
 
 from __future__ import annotations
 
@@ -30,24 +30,6 @@ if HAS_TRITON:
             xf = x.to(tl.float32) * scale[:, None] + zp[:, None]
             x = tl.where(mask, xf, 0.0)
         return x.to(OUT_DTYPE)
-
-    @triton.jit
-    def load_int8_kv_tile(cache_ptr, scales_ptr, table_ptr, offs, valid, kv_head,
-                          stride_b, stride_s, stride_h, sstride_b, sstride_s, sstride_h,
-                          cols, col_mask, PAGE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-        """An int8 tile as in `load_kv_tile`, left quantized: (q as OUT_DTYPE, which holds
-        every int8 exactly, and the rows' float32 scale and zero point). The caller
-        folds scale and zero point into its dot products (x = q * scale + zp per row),
-        so that each element costs one conversion, not a conversion and an FMA."""
-        page = tl.load(table_ptr + offs // PAGE, mask=valid, other=0).to(tl.int64)
-        in_page = (offs % PAGE).to(tl.int64)
-        base = page * stride_b + in_page * stride_s + kv_head * stride_h
-        mask = valid[:, None] & col_mask[None, :]
-        x = tl.load(cache_ptr + base[:, None] + cols[None, :], mask=mask, other=0)
-        sbase = page * sstride_b + in_page * sstride_s + kv_head * sstride_h
-        scale = tl.load(scales_ptr + sbase, mask=valid, other=0).to(tl.float32)
-        zp = tl.load(scales_ptr + sbase + 1, mask=valid, other=0).to(tl.float32)
-        return x.to(OUT_DTYPE), scale, zp
 
     @triton.jit
     def online_softmax_step(s, m_i, l_i):
