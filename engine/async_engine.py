@@ -63,6 +63,7 @@ class AsyncLLMEngine:
         self.health_check_period_s = health_check_period_s
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # per sample id; owned by the engine thread
+        self._held: list[RequestOutput] = []  # the last step's outputs, not yet handed over
         self._lock = threading.Lock()  # orders submissions against the loop's death
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run_loop, name="tpserve-engine", daemon=True)
@@ -149,10 +150,12 @@ class AsyncLLMEngine:
         self._deliver(self.engine.end_session(session_id))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hands a step's outputs to their streams: one wake-up per event loop, not one
-        per output (each is a write to the loop's self-pipe, on the step's path)."""
+        """Hands outputs (after any still held from the last step) to their streams: one
+        wake-up per event loop, not one per output (each is a write to the loop's
+        self-pipe, on the step's path)."""
+        held, self._held = self._held, []
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for output in outputs:
+        for output in held + outputs:
             stream = self._streams.get(output.request_id)
             if output.finished:
                 self._streams.pop(output.request_id, None)
@@ -162,10 +165,25 @@ class AsyncLLMEngine:
             _post(loop, _put_all, items)
 
     def _run_loop(self) -> None:
+        """Steps while there is work, running the callers' commands between steps.
+
+        A step's outputs are handed over only once the next step is under way:
+        streaming them (on the event loop's thread) takes the GIL for a while, and
+        doing that while the device computes keeps it off the step's critical path.
+        """
         try:
-            while self._run_commands(block=not self.engine.has_unfinished()):
+            step = None
+            while True:
+                if step is not None:
+                    self._held = self.engine.finish_step(step)
+                    step = None
+                idle = not self._held and not self.engine.has_unfinished()
+                if not self._run_commands(block=idle):
+                    break
                 if self.engine.has_unfinished():
-                    self._deliver(self.engine.step())
+                    step = self.engine.begin_step()
+                self._deliver([])
+            self._deliver([])
             self._die(EngineDeadError("the engine was shut down"))
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting streams
             logger.exception("engine step failed")

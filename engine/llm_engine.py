@@ -1,10 +1,11 @@
 """LLMEngine: the step loop that turns requests into streamed outputs.
 
 Each `step()`: schedule -> build the ForwardBatch and the SamplingBatch of the
-rows that end their request's known tokens -> `runner.step` (forward and
-sampling on the runner's device) -> append tokens ->
-detokenize and check stop conditions -> one RequestOutput per request that
-advanced or finished. The runner is anything with the `ModelRunner` shape
+rows that end their request's known tokens -> `runner.submit_step` (forward and
+sampling on the runner's device) -> append tokens -> detokenize and check stop
+conditions -> one RequestOutput per request that advanced or finished. A step is
+`begin_step` (up to the submit) then `finish_step` (the rest), so that a caller
+can do other work while the device computes. The runner is anything with the `ModelRunner` shape
 below; the ForwardBatch (built on the CPU) is its only per-step input, so an
 executor can broadcast it to tensor-parallel ranks unchanged.
 """
@@ -45,6 +46,27 @@ class ModelRunner(Protocol):
         """Runs the batch and samples one token per logits row where the logits are
         (for tensor parallelism: on rank 0, so only token ids travel back)."""
         ...
+
+    def submit_step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> "StepFuture":
+        """`step`, returning as soon as the work is under way: the caller can stream the
+        previous step's outputs while the device (or rank 0) computes."""
+        ...
+
+
+class StepFuture(Protocol):
+    def result(self) -> SamplerOutput | None:
+        """Waits for the step; its SamplerOutput (None when nothing was sampled)."""
+        ...
+
+
+@dataclass
+class StepInFlight:
+    """A step between `begin_step` and `finish_step`."""
+
+    outputs: list[RequestOutput]  # known before the forward (requests the scheduler stopped)
+    chunks: Sequence[ScheduledChunk] = ()
+    requests: Sequence[Request] = ()  # rows that sample a token
+    future: StepFuture | None = None
 
 
 @dataclass(frozen=True)
@@ -170,30 +192,40 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        return self.finish_step(self.begin_step())
+
+    def begin_step(self) -> StepInFlight:
+        """Schedules and starts a step. Until `finish_step`, nothing may touch the engine
+        (the scheduled requests' blocks are being written)."""
         outputs, self._pending = self._pending, []
         scheduled = self.scheduler.schedule()
         for request in scheduled.finished:
             logger.warning("request %s stopped: %s", request.request_id, request.error)
             outputs.append(self._output(request, [], None))
-        if scheduled.scheduled:
-            outputs.extend(self._run(scheduled.scheduled))
-        return outputs
-
-    def _run(self, chunks: Sequence[ScheduledChunk]) -> list[RequestOutput]:
+        chunks = scheduled.scheduled
+        if not chunks:
+            return StepInFlight(outputs)
         batch = ForwardBatch.build(
             [c.token_ids for c in chunks], [c.context_len for c in chunks],
             [list(c.request.block_ids) for c in chunks], self.runner.block_size,
             [c.wants_logits for c in chunks])
         requests = [c.request for c in chunks if c.wants_logits]
         sampling = SamplingBatch.build(requests, self.runner.vocab_size) if requests else None
-        sampled = self.runner.step(batch, sampling)
-        for chunk in chunks:
+        return StepInFlight(outputs, chunks, requests, self.runner.submit_step(batch, sampling))
+
+    def finish_step(self, step: StepInFlight) -> list[RequestOutput]:
+        """Waits for the step's tokens; one RequestOutput per request that advanced or ended."""
+        if step.future is None:
+            return step.outputs
+        sampled = step.future.result()
+        for chunk in step.chunks:
             chunk.request.num_computed_tokens += chunk.num_new_tokens
-        if not requests:
-            return []
+        if not step.requests:
+            return step.outputs
         token_ids = sampled.token_ids.tolist()
         logprobs = _logprob_rows(sampled, token_ids)
-        return [self._append_token(r, t, lp) for r, t, lp in zip(requests, token_ids, logprobs)]
+        return step.outputs + [self._append_token(r, t, lp)
+                               for r, t, lp in zip(step.requests, token_ids, logprobs)]
 
     def _append_token(self, request: Request, token_id: int,
                       logprob: TokenLogprob | None) -> RequestOutput:

@@ -106,3 +106,18 @@ class ModelRunner:
         if sampling is None:
             return None
         return sample(logits, sampling.to(self.device, non_blocking=True))
+
+    def submit_step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> "Launched":
+        """`step`: on a GPU the kernels are queued when it returns; reading the tokens
+        (`.tolist()`) waits for them."""
+        return Launched(self.step(batch, sampling))
+
+
+class Launched:
+    """A step whose work is queued on the device (or done, on the CPU)."""
+
+    def __init__(self, sampled: SamplerOutput | None) -> None:
+        self._sampled = sampled
+
+    def result(self) -> SamplerOutput | None:
+        return self._sampled

@@ -44,6 +44,16 @@ class ExecutorDeadError(RuntimeError):
     """A tensor-parallel rank died or hung; the executor cannot run steps any more."""
 
 
+class RemoteStep:
+    """A step sent to rank 0; `result()` waits for its SamplerOutput."""
+
+    def __init__(self, executor: "RayExecutor") -> None:
+        self._executor = executor
+
+    def result(self):
+        return self._executor._wait()
+
+
 class RayExecutor:
     def __init__(self, tp: int, runner_factory: RunnerFactory, *, device: str = "auto",
                  placement_group: PlacementGroup | None = None, placement_timeout_s: float = 60,
@@ -112,16 +122,33 @@ class RayExecutor:
         (CPU), or None when `sampling` is None."""
         return self._call("step", batch, sampling)
 
+    def submit_step(self, batch, sampling) -> "RemoteStep":
+        """`step` in two halves: the batch is on its way to rank 0 when this returns;
+        `.result()` waits for the SamplerOutput."""
+        self._send("step", (batch, sampling))
+        return RemoteStep(self)
+
     def _call(self, method: str, *args):
         """Runs rank 0's `method`; fails at once if any rank dies meanwhile."""
+        self._send(method, args)
+        return self._wait()
+
+    def _send(self, method: str, args: tuple) -> None:
         now = time.monotonic()
         if now - self._checked_at >= PRE_STEP_CHECK_S:  # a Ray call: ~0.1 ms, not every step
             self._checked_at = now
             self.check_health()
         elif self._dead is not None:
             raise ExecutorDeadError(self._dead)
+        self._guarded(self._client.send, method, args)
+
+    def _wait(self):
+        return self._guarded(self._client.wait, self._while_waiting)
+
+    def _guarded(self, fn, *args):
+        """fn(*args), a failure of the link or of rank 0 turned into ExecutorDeadError."""
         try:
-            return self._client.call(method, args, self._while_waiting)
+            return fn(*args)
         except ExecutorDeadError:
             raise
         except (OSError, EOFError) as exc:  # rank 0's process is gone: let its task say why

@@ -101,7 +101,15 @@ class StepClient:
 
     def call(self, method: str, args: tuple, between: Callable[[float], None],
              poll_s: float = 1.0) -> Any:
+        self.send(method, args)
+        return self.wait(between, poll_s)
+
+    def send(self, method: str, args: tuple) -> None:
+        """The first half of `call`: the request is on its way when this returns."""
         _send(self._sock, (method, args))
+
+    def wait(self, between: Callable[[float], None], poll_s: float = 1.0) -> Any:
+        """The second half of `call`: rank 0's answer (or its exception, raised)."""
         waited = 0.0
         while not select.select([self._sock], [], [], poll_s)[0]:
             waited += poll_s

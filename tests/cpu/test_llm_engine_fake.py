@@ -16,6 +16,7 @@ from tpserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from tpserve.engine.config import EngineConfig
 from tpserve.engine.errors import RequestError
 from tpserve.engine.llm_engine import LLMEngine
+from tpserve.engine.model_runner import Launched
 from tpserve.engine.sampler import sample
 from tpserve.engine.sampling_params import SamplingParams
 
@@ -67,6 +68,9 @@ class FakeRunner:
     def step(self, batch, sampling):
         logits = self.execute(batch)
         return None if sampling is None else sample(logits, sampling)
+
+    def submit_step(self, batch, sampling):
+        return Launched(self.step(batch, sampling))
 
 
 class CharTokenizer:
@@ -273,6 +277,35 @@ def test_async_concurrent_consumers():
         await engine.check_health()
         engine.shutdown()
         assert_idle(engine.engine)
+
+    asyncio.run(main())
+
+
+def test_async_outputs_are_handed_over_once_the_next_step_is_submitted():
+    """A step's tokens reach the stream after the next step went to the runner (so the
+    streaming overlaps the device's work), and an abort between steps still arrives
+    after the tokens generated before it."""
+    async def main():
+        inner = make_engine()
+        engine = AsyncLLMEngine(inner)
+        outs = []
+        async for out in engine.generate([4, 5, 6], greedy(6), "r"):
+            outs.append((out, inner.runner.num_steps))
+        # step 1 is the prefill and yields token 1; token i arrives once step i+1 ran
+        for i, (out, steps) in enumerate(outs[:-1], start=1):
+            assert steps >= i + 1, (i, steps)
+        assert [o.delta_token_ids[0] for o, _ in outs] == reference([4, 5, 6], 6)
+
+        got = []
+        async for out in engine.generate([7, 8], greedy(10_000), "s"):
+            got.append(out)
+            if len(got) == 3:
+                await engine.abort("s")
+        tokens = [t for o in got for t in o.delta_token_ids]
+        assert got[-1].finish_reason == "abort"
+        assert tokens == reference([7, 8], len(tokens))
+        engine.shutdown()
+        assert_idle(inner)
 
     asyncio.run(main())
 
