@@ -7,7 +7,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..parallel.comm import LocalGroup, TPGroup
-from ..parallel.linear import linear_method
+from ..parallel.linear import ParallelLinear, linear_method
 from ..parallel.sharding import ShardPlan
 from .config import WorkspaceMeta
 from .errors import ModelFormatError
@@ -26,6 +26,9 @@ def build_model(workspace: Path, meta: WorkspaceMeta, rank: int, dtype: torch.dt
     with torch.device(device):
         model = DecoderModel(cfg, plan, method, meta.padded_vocab_size, dtype, group, max_positions)
     load_rank_weights(model, rank_dir(workspace, rank))
+    for module in model.modules():
+        if isinstance(module, ParallelLinear):
+            module.finalize()
     return model.eval()
 
 

@@ -31,11 +31,15 @@ def resolve_device(name: str, rank: int = 0) -> torch.device:
 
 
 def resolve_dtype(name: str, meta: WorkspaceMeta, device: torch.device) -> torch.dtype:
-    """'auto': the stored float type on GPUs, float32 on CPUs (bf16 matmuls are slow there)."""
+    """'auto': the stored float type on GPUs, float32 on CPUs (bf16 matmuls are slow there).
+    4-bit AWQ models run in bf16 on GPUs: PyTorch's int4 matmul, their fast path at
+    small batch, takes only bf16."""
     if name != "auto":
         return DTYPES[name]
     if device.type == "cpu":
         return torch.float32
+    if meta.quant.method == "awq":
+        return torch.bfloat16
     stored = meta.weight_type if meta.weight_type in DTYPES else "float16"
     if stored == "float32":
         return torch.bfloat16

@@ -11,7 +11,6 @@ import torch
 import triton.testing
 
 import tpserve.kernels as K
-from tpserve.kernels import w4a16
 from tpserve.kernels.testing import random_awq
 
 NQ, NKV, D, BLOCK, HIDDEN, INTER = 32, 8, 128, 64, 4096, 14336
@@ -129,13 +128,10 @@ def bench_w4a16() -> None:
             eager = bench_eager(lambda: K.w4a16_gemm(x, qweight, scales, qzeros, 128))
             report(f"w4a16        M={m} K={k} N={n}", t_w4, wbytes,
                    f"x{t_cublas / t_w4:4.2f} vs cuBLAS (eager {eager * 1e3:.1f} us)")
-            if m <= 4:
-                saved = w4a16.GEMV_MAX_M
-                w4a16.GEMV_MAX_M = 0 if m <= saved else m
-                other = bench(lambda: K.w4a16_gemm(x, qweight, scales, qzeros, 128))
-                w4a16.GEMV_MAX_M = saved
-                path = "gemm" if m <= saved else "gemv"
-                report(f"  w4a16 via {path} M={m} K={k} N={n}", other, wbytes)
+            packed, sz = K.int4_tinygemm.pack(qweight, scales, qzeros)
+            t_tg = bench(lambda: K.int4_tinygemm.int4_mm(x, packed, sz, 128))
+            report(f"int4 tinygemm M={m} K={k} N={n}", t_tg, packed.nbytes + sz.nbytes,
+                   f"x{t_cublas / t_tg:4.2f} vs cuBLAS")
 
 
 def main() -> None:

@@ -83,3 +83,33 @@ def test_w4a16_gemm(k, n, m):
     want = ref.w4a16_gemm(x, qweight, scales, qzeros, 128)
     got = kernels.w4a16_gemm(x, qweight, scales, qzeros, 128)
     _close(got, want, 1e-2 * want.float().abs().max().item(), 1e-2)
+
+
+@pytest.mark.parametrize("m", [1, 5, 64])
+@pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 28672), (14336, 4096), (2048, 4096)])
+def test_int4_tinygemm_matches_awq(k, n, m):
+    """PyTorch's int4 matmul on the repacked AWQ weights against the dequantized matmul."""
+    from tpserve.kernels import int4_tinygemm
+    qweight, scales, qzeros = random_awq(k, n, 128, **BF16)
+    assert int4_tinygemm.supports(torch.bfloat16, scales.device, k, 128)
+    x = torch.randn(m, k, **BF16)
+    want = ref.w4a16_gemm(x, qweight, scales, qzeros, 128)
+    packed, scales_and_zeros = int4_tinygemm.pack(qweight, scales, qzeros)
+    got = int4_tinygemm.int4_mm(x, packed, scales_and_zeros, 128)
+    _close(got, want, 1e-2 * want.float().abs().max().item(), 1e-2)
+
+
+def test_awq_layer_repacks_on_load_and_keeps_its_output():
+    from tpserve.parallel.linear import AWQMethod, AWQTinyGemmMethod, ParallelLinear
+    k, n = 4096, 1024
+    qweight, scales, qzeros = random_awq(k, n, 128, **BF16)
+    layer = ParallelLinear(k, n, False, AWQMethod(128), torch.bfloat16).cuda()
+    layer.qweight.copy_(qweight)
+    layer.scales.copy_(scales)
+    layer.qzeros.copy_(qzeros)
+    xs = [torch.randn(m, k, **BF16) for m in (1, 3, 8, 40)]
+    wants = [layer(x) for x in xs]  # the Triton kernel on the AutoAWQ layout
+    layer.finalize()
+    assert isinstance(layer.method, AWQTinyGemmMethod)
+    for x, want in zip(xs, wants):  # int4 matmul up to 4 rows, Triton above
+        _close(layer(x), want, 1e-2 * want.float().abs().max().item(), 1e-2)
