@@ -12,6 +12,7 @@ program cuts its own sequence into that many equal parts by its actual length.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -103,12 +104,28 @@ def _num_splits(q, num_kv, max_seq_len, sliding_window, block_n) -> int:
     return max(1, min(cdiv(span, block_n), want, 64))
 
 
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """The split kernel's launch: keys per tile, warps, pipeline stages."""
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# launches by cache dtype, on CUDA (scripts/tune_kernels.py times the alternatives)
+LAUNCH = {torch.bfloat16: DecodeLaunch(), torch.float16: DecodeLaunch(),
+          torch.float32: DecodeLaunch(), torch.int8: DecodeLaunch()}
+_CPU_LAUNCH = DecodeLaunch(block_n=16)
+
+
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
-                     sliding_window, k_scales, v_scales) -> torch.Tensor:
+                     sliding_window, k_scales, v_scales,
+                     launch: DecodeLaunch | None = None) -> torch.Tensor:
     num_tokens, num_q, head_dim = q.shape
     page, num_kv = k_cache.shape[1], k_cache.shape[2]
     group = num_q // num_kv
-    block_n = 64 if q.is_cuda else 16
+    launch = launch or (LAUNCH[k_cache.dtype] if q.is_cuda else _CPU_LAUNCH)
+    block_n = launch.block_n
     splits = _num_splits(q, num_kv, max_seq_len, sliding_window, block_n)
     part_out = torch.empty(num_tokens, num_q, splits, head_dim, dtype=torch.float32,
                            device=q.device)
@@ -126,7 +143,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
         part_lse.stride(0), part_lse.stride(1), head_dim,
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad, BLOCK_N=block_n,
         PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
-        num_warps=4, num_stages=2)
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
     out = torch.empty_like(q)
     _decode_reduce_kernel[(num_tokens, num_q)](
         part_out, part_lse, out, splits, part_out.stride(0), part_out.stride(1),

@@ -15,6 +15,8 @@ kernel (deterministic results).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import reference
@@ -195,11 +197,26 @@ def _gemv(x, qweight, scales, qzeros, group_size, out):
     return part
 
 
-def _gemm(x, qweight, scales, qzeros, group_size, out):
-    (m, k), n_packed = x.shape, qweight.shape[1]
+@dataclass(frozen=True)
+class GemmLaunch:
+    """The tensor-core kernel's tile (rows, packed columns of 8, K) and launch."""
+    block_m: int
+    block_np: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def gemm_launch(m: int, group_size: int, cuda: bool) -> GemmLaunch:
+    """The launch for M rows (scripts/tune_kernels.py times the alternatives)."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_np = 32 if m <= 16 else 16
-    block_k = min(group_size, 128 if x.is_cuda else 32)
+    return GemmLaunch(block_m, 32 if m <= 16 else 16, min(group_size, 128 if cuda else 32))
+
+
+def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None = None):
+    (m, k), n_packed = x.shape, qweight.shape[1]
+    launch = launch or gemm_launch(m, group_size, x.is_cuda)
+    block_m, block_np, block_k = launch.block_m, launch.block_np, launch.block_k
     tiles = cdiv(m, block_m) * cdiv(n_packed, block_np)
     sms = num_sms(x)
     # split K only when the output tiles alone leave SMs idle (partials cost traffic)
@@ -209,7 +226,7 @@ def _gemm(x, qweight, scales, qzeros, group_size, out):
         x, qweight, scales, qzeros, part, m, n_packed, per, k // block_k, x.stride(0),
         qweight.stride(0), scales.stride(0), qzeros.stride(0), part.stride(0),
         part.stride(1), GROUP=group_size, BLOCK_M=block_m, BLOCK_NP=block_np,
-        BLOCK_K=block_k, num_warps=4, num_stages=3)
+        BLOCK_K=block_k, num_warps=launch.num_warps, num_stages=launch.num_stages)
     return part
 
 
@@ -221,8 +238,10 @@ def _partials(splits: int, out: torch.Tensor) -> torch.Tensor:
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-               qzeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``x [.., K] @ W [K, N]`` with W given in AutoAWQ GEMM packing; output in x.dtype."""
+               qzeros: torch.Tensor, group_size: int,
+               launch: GemmLaunch | None = None) -> torch.Tensor:
+    """``x [.., K] @ W [K, N]`` with W given in AutoAWQ GEMM packing; output in x.dtype.
+    launch: the tensor-core kernel's launch (default: `gemm_launch`)."""
     _check(x, qweight, scales, qzeros, group_size)
     supported = group_size >= 16 and group_size & (group_size - 1) == 0
     if not use_triton(x) or not supported:
@@ -236,8 +255,10 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m == 0:
         return out.view(*x.shape[:-1], n)
 
-    path = _gemv if m <= GEMV_MAX_M else _gemm
-    part = path(x2, qweight, scales, qzeros, group_size, out)
+    if m <= GEMV_MAX_M:
+        part = _gemv(x2, qweight, scales, qzeros, group_size, out)
+    else:
+        part = _gemm(x2, qweight, scales, qzeros, group_size, out, launch)
     if part.data_ptr() != out.data_ptr():
         block = 1024
         _sum_splits_kernel[(cdiv(m * n, block),)](part, out, part.shape[0], m * n,
