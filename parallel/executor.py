@@ -26,6 +26,7 @@ from ray.util.placement_group import (PlacementGroup, get_current_placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .process_group import HANG_HINT
+from .spin import STEP_SPIN_S
 from .step_socket import StepClient
 from .worker import RunnerFactory, TPWorker
 
@@ -91,7 +92,8 @@ class RayExecutor:
         self._loops = [rank0.serve_steps.remote(timeout_s)]
         self._loops += [w.serve.remote() for w in self.workers[1:]]
         try:
-            self._client = StepClient(host, port, token, timeout_s)
+            self._client = StepClient(host, port, token, timeout_s,
+                                      spin_s=STEP_SPIN_S if self.use_gpu else 0.0)
         except OSError as exc:
             raise ExecutorDeadError(f"cannot connect to rank 0's step socket at {host}:{port} "
                                     f"({exc}); {HANG_HINT}") from None

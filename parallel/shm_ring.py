@@ -34,6 +34,8 @@ import zlib
 
 import numpy as np
 
+from .spin import spin_until
+
 MAGIC = 0x74707368_6D72696E  # "tpshmrin"
 LINE = 64
 WORDS = LINE // 8
@@ -61,9 +63,9 @@ def _alive(pid: int) -> bool:
 class ShmRing:
     """`ShmRing.create(readers)` in the writer, `ShmRing.attach(path, r)` in reader r.
 
-    spin_s: how long a wait polls without sleeping (yielding the GIL between
-    polls) before it backs off to sleeps of up to 1 ms. GPU ranks spin through
-    a decode step; CPU ranks, which need their cores, back off at once.
+    spin_s: how long a wait polls without sleeping (spin.py) before it backs off
+    to sleeps of up to 1 ms. GPU ranks spin through a decode step; CPU ranks,
+    which need their cores, back off at once.
     """
 
     def __init__(self, path: str, reader: int | None, spin_s: float) -> None:
@@ -179,15 +181,14 @@ class ShmRing:
     # -- waiting -------------------------------------------------------------
 
     def _wait(self, ready, timeout_s, peers, what: str) -> None:
-        if ready():
+        if spin_until(ready, self.spin_s):
             return
         start = last_check = time.monotonic()
         pause = 0.0
         while not ready():
             now = time.monotonic()
-            if now - start > self.spin_s:
-                pause = min(1e-3, max(2e-5, pause * 2))
-            time.sleep(pause)  # sleep(0) still lets other threads take the GIL
+            pause = min(1e-3, max(2e-5, pause * 2))
+            time.sleep(pause)
             if now - last_check > _LIVENESS_CHECK_S:
                 last_check = now
                 gone = [pid for pid in peers() if pid and not _alive(pid)]

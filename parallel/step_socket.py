@@ -18,6 +18,8 @@ import socket
 import struct
 from typing import Any, Callable
 
+from .spin import spin_until
+
 _LEN = struct.Struct("!Q")
 
 
@@ -50,10 +52,16 @@ def _no_delay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class StepServer:
-    """Rank 0's side: `listen()` then `serve(handlers)` until the engine says stop."""
+def _readable(sock: socket.socket) -> Callable[[], bool]:
+    return lambda: bool(select.select([sock], [], [], 0)[0])
 
-    def __init__(self, host: str) -> None:
+
+class StepServer:
+    """Rank 0's side: `listen()` then `serve(handlers)` until the engine says stop.
+    spin_s: how long to poll for the next request before blocking (spin.py)."""
+
+    def __init__(self, host: str, spin_s: float = 0.0) -> None:
+        self.spin_s = spin_s
         self.token = secrets.token_hex(16)
         self._listener = socket.create_server((host, 0))
         self.port = self._listener.getsockname()[1]
@@ -72,7 +80,9 @@ class StepServer:
             if _recv(conn) != self.token:
                 raise PermissionError("a step connection presented the wrong token")
             _send(conn, (True, None))
+            readable = _readable(conn)
             while True:
+                spin_until(readable, self.spin_s)
                 try:
                     method, args = _recv(conn)
                 except StepSocketClosed:
@@ -89,10 +99,13 @@ class StepServer:
 
 
 class StepClient:
-    """The engine's side. `call` waits in slices of `poll_s`, running `between(elapsed)`
-    after each, so that a dead peer rank (which leaves rank 0 hanging) is noticed."""
+    """The engine's side. `call` polls for the answer for `spin_s` (spin.py), then
+    waits in slices of `poll_s`, running `between(elapsed)` after each, so that a
+    dead peer rank (which leaves rank 0 hanging) is noticed."""
 
-    def __init__(self, host: str, port: int, token: str, timeout_s: float) -> None:
+    def __init__(self, host: str, port: int, token: str, timeout_s: float,
+                 spin_s: float = 0.0) -> None:
+        self.spin_s = spin_s
         self._sock = socket.create_connection((host, port), timeout=timeout_s)
         self._sock.settimeout(None)
         _no_delay(self._sock)
@@ -111,9 +124,10 @@ class StepClient:
     def wait(self, between: Callable[[float], None], poll_s: float = 1.0) -> Any:
         """The second half of `call`: rank 0's answer (or its exception, raised)."""
         waited = 0.0
-        while not select.select([self._sock], [], [], poll_s)[0]:
-            waited += poll_s
-            between(waited)
+        if not spin_until(_readable(self._sock), self.spin_s):
+            while not select.select([self._sock], [], [], poll_s)[0]:
+                waited += poll_s
+                between(waited)
         ok, value = _recv(self._sock)
         if not ok:
             raise value

@@ -19,6 +19,7 @@ import torch
 from .comm import TPGroup
 from .batch_channel import open_batch_channel
 from .process_group import init_tp_group, open_store, set_worker_env
+from .spin import STEP_SPIN_S
 from .step_socket import StepServer
 
 
@@ -68,6 +69,7 @@ class TPWorker:
         self.use_gpu = use_gpu
         set_worker_env()
         self.device_index = local_gpu_index() if use_gpu else None
+        self.spin_s = STEP_SPIN_S if use_gpu else 0.0  # see spin.py
         self._store = None
         self._steps: StepServer | None = None
         self.channel = None  # batch_channel.py: rank 0 sends each step to the others
@@ -90,7 +92,7 @@ class TPWorker:
             device, backend = torch.device("cuda", self.device_index), "nccl"
         group = init_tp_group(self.rank, self.world_size, master_addr, master_port, backend,
                               device, timeout_s, self._store)
-        self.channel = open_batch_channel(spin_s=0.1 if self.use_gpu else 0.0)
+        self.channel = open_batch_channel(spin_s=self.spin_s)
         self.runner = runner_factory(self.rank, group)
         return {"num_blocks": self.runner.num_blocks, "block_size": self.runner.block_size,
                 "vocab_size": self.runner.vocab_size}
@@ -144,7 +146,7 @@ class TPWorker:
     def open_step_server(self) -> tuple[str, int, str]:
         """Rank 0: listens for the engine's step connection; (address, port, token)."""
         host = ray.util.get_node_ip_address()
-        self._steps = StepServer(host)
+        self._steps = StepServer(host, spin_s=self.spin_s)
         return host, self._steps.port, self._steps.token
 
     def serve_steps(self, accept_timeout_s: float) -> int:
