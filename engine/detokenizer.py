@@ -61,8 +61,9 @@ class IncrementalDetokenizer:
         return delta
 
     @property
-    def emitted_text(self) -> str:
-        return self.text[:self._emitted]
+    def num_emitted(self) -> int:
+        """Characters of `text` handed out so far."""
+        return self._emitted
 
     def _decode_new(self, final: bool) -> str:
         decode = self._decode

@@ -23,7 +23,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, Tokenizer, stop_reason
 from .errors import RequestError
 from .forward_batch import ForwardBatch
-from .outputs import RequestOutput, TokenLogprob
+from .outputs import LazySlice, RequestOutput, TokenLogprob
 from .request import Request, child_request_ids
 from .sampler import SamplerOutput, SamplingBatch
 from .sampling_params import SamplingParams
@@ -254,11 +254,15 @@ class LLMEngine:
             state.detokenizer.flush()
             self._forget_parent(request.request_id)
         delta_text = state.detokenizer.take_delta(finished)
-        return RequestOutput(
-            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-            token_ids=request.output_token_ids, text=state.detokenizer.emitted_text,
-            delta_token_ids=new_token_ids, delta_text=delta_text,
-            logprobs=list(state.logprobs), delta_logprobs=[logprob] if logprob else [],
+        detok, tokens = state.detokenizer, request.token_ids
+        return RequestOutput(  # the cumulative fields are copied only if read
+            request_id=request.request_id,
+            prompt_token_ids=LazySlice(tokens, request.num_context_tokens,
+                                       request.num_prompt_tokens),
+            token_ids=LazySlice(tokens, request.num_prompt_tokens, len(tokens)),
+            text=LazySlice(detok.text, 0, detok.num_emitted), delta_token_ids=new_token_ids,
+            delta_text=delta_text, logprobs=LazySlice(state.logprobs, 0, len(state.logprobs)),
+            delta_logprobs=[logprob] if logprob else [],
             finish_reason=request.finish_reason, num_cached_tokens=request.num_cached_tokens,
             index=_sample_index(request.request_id), error=request.error)
 

@@ -222,6 +222,26 @@ def test_stop_string_through_the_engine():
         make_engine().add_request("x", prompt, greedy(3, stop="a"))
 
 
+def test_each_output_keeps_the_state_of_its_own_step():
+    """Outputs read only after the request ended still show their own step's tokens,
+    text and logprobs (the engine hands them over as lazy snapshots)."""
+    prompt = [8, 1, 30]
+    want = reference(prompt, 12)
+    text = CharTokenizer().decode(want)
+    engine = make_engine(tokenizer=CharTokenizer())
+    engine.add_request("r", prompt, greedy(12, logprobs=1))
+    outs = run(engine)["r"]  # nothing read until the end
+    assert len(outs) == 12
+    for i, out in enumerate(outs, start=1):
+        assert out.prompt_token_ids == prompt
+        assert out.token_ids == want[:i]
+        assert [lp.token_id for lp in out.logprobs] == want[:i]
+        assert text.startswith(out.text) and len(out.text) <= i
+        assert out.delta_token_ids == [want[i - 1]]
+    assert outs[-1].text == text
+    assert outs[0] != outs[1] and outs[-1] == outs[-1]
+
+
 def test_session_continues_across_turns():
     engine = make_engine(session_len=40)
     turn1 = [3, 1, 4, 1, 5]

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""What `LLMEngine.step` costs the host per step, without a model: no GPU needed.
+
+    python scripts/bench_engine_host.py [--batch 1 16 64] [--profile]
+
+A runner that samples a fixed token at once stands in for the model, so the
+time a step takes is the engine's own work on the host: scheduling, building
+the ForwardBatch and SamplingBatch, appending tokens, detokenizing, checking
+stop conditions. On a GPU that work is on every decode step's critical path
+(the device waits for it), so it bounds the step rate at large batch.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+
+from tpserve.engine.config import EngineConfig
+from tpserve.engine.llm_engine import LLMEngine
+from tpserve.engine.model_runner import Launched
+from tpserve.engine.sampler import SamplerOutput
+from tpserve.engine.sampling_params import SamplingParams
+
+
+class InstantRunner:
+    """Every sampled row gets token 7 (a token the tokenizer decodes to text)."""
+
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int) -> None:
+        self.num_blocks, self.block_size, self.vocab_size = num_blocks, block_size, vocab_size
+        self.device = torch.device("cpu")
+
+    def submit_step(self, batch, sampling):
+        rows = 0 if sampling is None else len(sampling.steps)
+        return Launched(SamplerOutput(torch.full((rows,), 7, dtype=torch.int64)))
+
+
+class ByteDecoder:
+    """A tokenizer stand-in that decodes ids to letters (detokenization does real work)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
+def run(batch: int, steps: int, prompt_len: int, profile: bool) -> float:
+    config = EngineConfig(max_batch_size=batch, session_len=prompt_len + steps + 64,
+                          cache_block_seq_len=64)
+    blocks = batch * ((prompt_len + steps + 64) // 64 + 2)
+    engine = LLMEngine(InstantRunner(blocks, 64, 32000), ByteDecoder(), config)
+    params = SamplingParams(temperature=0, max_tokens=steps + 10, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", list(range(1, prompt_len + 1)), params)
+    while engine.scheduler.waiting:  # prefill everyone first
+        engine.step()
+    profiler = cProfile.Profile() if profile else None
+    start = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    if profiler:
+        profiler.disable()
+    per_step = (time.perf_counter() - start) / steps * 1e6
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+    return per_step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--profile", action="store_true", help="print the hottest functions")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(f"{'batch':>5s} {'us a step':>10s} {'us a row':>9s}")
+    for batch in args.batch:
+        us = run(batch, args.steps, args.prompt_len, args.profile)
+        print(f"{batch:5d} {us:10.1f} {us / batch:9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
