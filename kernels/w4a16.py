@@ -5,12 +5,12 @@ Layout (as AutoAWQ writes it, and public AWQ checkpoints ship it):
 nibble i of packed column c is output column ``c*8 + (0,2,4,6,1,3,5,7)[i]``
 and ``w = (q - z) * s``. No repacking is needed.
 
-Two Triton paths: a split-K GEMV for one row (batch-1 decode is bound by
-reading 0.5 byte per weight, so the kernel does little more than stream the
-packed words), and a tensor-core GEMM for larger M that dequantizes each
-nibble's columns to the activation dtype and multiplies them separately. When
-K is split, float32 partial sums are added up in a fixed order by a small
-kernel (deterministic results).
+A tensor-core GEMM that dequantizes each nibble's columns to the activation
+dtype and multiplies them separately. When K is split, float32 partial sums
+are added up in a fixed order by a small kernel (deterministic results).
+(Batches of up to 4 rows in bf16 go to PyTorch's int4 matmul instead, see
+int4_tinygemm.py: none of the Triton GEMVs tried here beat about 1 TB/s of
+4-bit weights, docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -25,34 +25,9 @@ from .reference import awq_dequantize
 
 __all__ = ["w4a16_gemm", "awq_dequantize"]
 
-# Rows up to this many use the GEMV kernel; more use the tensor-core GEMM. 0 for now:
-# on an H200 the GEMM path measured faster even at M=1 (29.8 vs 31.2 us at
-# K=4096, N=14336; 27.2 vs 39.0 us at K=14336, N=4096). scripts/bench_kernels.py
-# times both paths; raise this when the GEMV wins.
-GEMV_MAX_M = 0
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def _nibble_group_dot(packed, zeros, x, x_sum, s_row_ptr, cp, cmask, NIBBLE: tl.constexpr):
-        """s * sum_k x_k * (q_k - z) for the output columns held by one nibble.
-
-        Placing the nibble in the top mantissa bits of 1.0 gives f = 1 + q/16
-        with two integer ops (no int->float conversion); the 1 and the zero
-        point are removed once per group through ``x_sum``.
-        """
-        if NIBBLE < 5:
-            bits = packed << (19 - 4 * NIBBLE)
-        else:
-            bits = packed >> (4 * NIBBLE - 19)
-        f = ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-        dot = tl.sum(x[:, None] * f, axis=0)
-        z = ((zeros >> (4 * NIBBLE)) & 0xF).to(tl.float32)
-        col = cp * 8 + ((NIBBLE % 4) * 2 + NIBBLE // 4)
-        s = tl.load(s_row_ptr + col, mask=cmask, other=0.0).to(tl.float32)
-        return s * (16.0 * dot - (16.0 + z) * x_sum)
 
     @triton.jit
     def _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, mask):
@@ -67,39 +42,6 @@ if HAS_TRITON:
         tl.store(out + 3, a5.to(dt), mask=mask)
         tl.store(out + 5, a6.to(dt), mask=mask)
         tl.store(out + 7, a7.to(dt), mask=mask)
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, n_packed, groups_per_split,
-                     num_groups, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm,
-                     GROUP: tl.constexpr, BLOCK_NP: tl.constexpr):
-        m = tl.program_id(0).to(tl.int64)
-        cp = tl.program_id(1) * BLOCK_NP + tl.arange(0, BLOCK_NP)
-        split = tl.program_id(2)
-        cmask = cp < n_packed
-        rows = tl.arange(0, GROUP)
-        a0 = tl.zeros([BLOCK_NP], tl.float32)
-        a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
-        g_begin = split * groups_per_split
-        g_end = tl.minimum(g_begin + groups_per_split, num_groups)
-        for g in range(g_begin, g_end):
-            k = (g * GROUP + rows).to(tl.int64)
-            x = tl.load(x_ptr + m * s_xm + k).to(tl.float32)
-            p = tl.load(qw_ptr + k[:, None] * s_qk + cp[None, :], mask=cmask[None, :], other=0)
-            zq = tl.load(z_ptr + g * s_zk + cp, mask=cmask, other=0)
-            xs = tl.sum(x, axis=0)
-            srow = s_ptr + g * s_sk
-            d0 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 0)
-            d1 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 1)
-            d2 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 2)
-            d3 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 3)
-            d4 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 4)
-            d5 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 5)
-            d6 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 6)
-            d7 = _nibble_group_dot(p, zq, x, xs, srow, cp, cmask, 7)
-            a0, a1, a2, a3 = a0 + d0, a1 + d1, a2 + d2, a3 + d3
-            a4, a5, a6, a7 = a4 + d4, a5 + d5, a6 + d6, a7 + d7
-        out = part_ptr + split * s_ps + m * s_pm + cp * 8
-        _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, cmask)
 
     @triton.jit
     def _nibble_mma(acc, x, packed, zeros, s_row_ptr, cp, cmask, NIBBLE: tl.constexpr):
@@ -183,20 +125,6 @@ def _splits(units: int, programs: int, want_programs: int) -> tuple[int, int]:
     return cdiv(units, per), per
 
 
-def _gemv(x, qweight, scales, qzeros, group_size, out):
-    m, n_packed = x.shape[0], qweight.shape[1]
-    block_np = 64 if x.is_cuda else 16
-    n_tiles = cdiv(n_packed, block_np)
-    # many small programs: a K split of one or two groups keeps every SM streaming
-    splits, per = _splits(qweight.shape[0] // group_size, m * n_tiles, 4 * num_sms(x))
-    part = _partials(splits, out)
-    _gemv_kernel[(m, n_tiles, splits)](
-        x, qweight, scales, qzeros, part, n_packed, per, qweight.shape[0] // group_size,
-        x.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0),
-        part.stride(0), part.stride(1), GROUP=group_size, BLOCK_NP=block_np, num_warps=4)
-    return part
-
-
 @dataclass(frozen=True)
 class GemmLaunch:
     """The tensor-core kernel's tile (rows, packed columns of 8, K) and launch."""
@@ -255,10 +183,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m == 0:
         return out.view(*x.shape[:-1], n)
 
-    if m <= GEMV_MAX_M:
-        part = _gemv(x2, qweight, scales, qzeros, group_size, out)
-    else:
-        part = _gemm(x2, qweight, scales, qzeros, group_size, out, launch)
+    part = _gemm(x2, qweight, scales, qzeros, group_size, out, launch)
     if part.data_ptr() != out.data_ptr():
         block = 1024
         _sum_splits_kernel[(cdiv(m * n, block),)](part, out, part.shape[0], m * n,
