@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels import int4_tinygemm
 from ..parallel.comm import LocalGroup, TPGroup
 from ..parallel.process_group import min_over_ranks
 from .config import EngineConfig, WorkspaceMeta
@@ -32,13 +33,13 @@ def resolve_device(name: str, rank: int = 0) -> torch.device:
 
 def resolve_dtype(name: str, meta: WorkspaceMeta, device: torch.device) -> torch.dtype:
     """'auto': the stored float type on GPUs, float32 on CPUs (bf16 matmuls are slow there).
-    4-bit AWQ models run in bf16 on GPUs: PyTorch's int4 matmul, their fast path at
-    small batch, takes only bf16."""
+    4-bit AWQ models run in bf16 on GPUs that have it (compute capability 8.0+):
+    PyTorch's int4 matmul, their fast path at small batch, takes only bf16."""
     if name != "auto":
         return DTYPES[name]
     if device.type == "cpu":
         return torch.float32
-    if meta.quant.method == "awq":
+    if meta.quant.method == "awq" and int4_tinygemm.device_supported(device):
         return torch.bfloat16
     stored = meta.weight_type if meta.weight_type in DTYPES else "float16"
     if stored == "float32":

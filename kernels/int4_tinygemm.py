@@ -12,8 +12,9 @@ packing, made once at load time from AutoAWQ's:
 The zero is rounded to bf16 (AWQ keeps z exact): an error of at most 2^-9 of
 (8 - z) * s, small against the rounding of the 4-bit codes themselves (s / 2).
 
-Only bf16 activations, group sizes 32..256 and K a multiple of 128 qualify
-(`supports`); other models keep the Triton kernel (w4a16.py).
+Only bf16 activations, group sizes 32..256, K a multiple of 128 and NVIDIA GPUs of
+compute capability 8.0+ qualify (`supports`); other models keep the Triton kernel
+(w4a16.py).
 """
 from __future__ import annotations
 
@@ -25,11 +26,18 @@ INNER_K_TILES = 8  # the packing's K tile: K must be a multiple of 16 * INNER_K_
 GROUP_SIZES = (32, 64, 128, 256)
 
 
+def device_supported(device: torch.device) -> bool:
+    """A CUDA device the int4 matmul runs on: its kernels need compute capability 8.0+
+    (and bf16); ROCm builds lack them."""
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) >= (8, 0)
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
+
+
 def supports(dtype: torch.dtype, device: torch.device, in_features: int,
              group_size: int) -> bool:
-    return (device.type == "cuda" and dtype == torch.bfloat16
-            and group_size in GROUP_SIZES and in_features % (16 * INNER_K_TILES) == 0
-            and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
+    return (dtype == torch.bfloat16 and group_size in GROUP_SIZES
+            and in_features % (16 * INNER_K_TILES) == 0 and device_supported(device))
 
 
 def awq_to_codes(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor
