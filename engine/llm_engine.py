@@ -42,14 +42,11 @@ class ModelRunner(Protocol):
         """[S, vocab_size] float32 logits on `device`, one row per batch.logits_indices entry."""
         ...
 
-    def step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> SamplerOutput | None:
-        """Runs the batch and samples one token per logits row where the logits are
-        (for tensor parallelism: on rank 0, so only token ids travel back)."""
-        ...
-
     def submit_step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> "StepFuture":
-        """`step`, returning as soon as the work is under way: the caller can stream the
-        previous step's outputs while the device (or rank 0) computes."""
+        """Starts running the batch and sampling one token per logits row where the logits
+        are (for tensor parallelism: on rank 0, so only token ids travel back); returns
+        as soon as the work is under way, so the caller can stream the previous step's
+        outputs while the device (or rank 0) computes."""
         ...
 
 

@@ -27,6 +27,10 @@ class LazySlice:
         return self._value
 
 
+def _read(value):
+    return value.get() if isinstance(value, LazySlice) else value
+
+
 _FIELDS = ("request_id", "prompt_token_ids", "token_ids", "text", "delta_token_ids", "delta_text",
            "logprobs", "delta_logprobs", "finish_reason", "num_cached_tokens", "index", "error")
 
@@ -73,23 +77,19 @@ class RequestOutput:
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        value = self._prompt_token_ids
-        return value.get() if isinstance(value, LazySlice) else value
+        return _read(self._prompt_token_ids)
 
     @property
     def token_ids(self) -> list[int]:
-        value = self._token_ids
-        return value.get() if isinstance(value, LazySlice) else value
+        return _read(self._token_ids)
 
     @property
     def text(self) -> str:
-        value = self._text
-        return value.get() if isinstance(value, LazySlice) else value
+        return _read(self._text)
 
     @property
     def logprobs(self) -> list[TokenLogprob]:
-        value = self._logprobs
-        return value.get() if isinstance(value, LazySlice) else value
+        return _read(self._logprobs)
 
     @property
     def finished(self) -> bool:

@@ -112,9 +112,10 @@ class DecodeLaunch:
     num_stages: int = 2
 
 
-# launches by cache dtype, on CUDA (scripts/tune_kernels.py times the alternatives)
-LAUNCH = {torch.bfloat16: DecodeLaunch(), torch.float16: DecodeLaunch(),
-          torch.float32: DecodeLaunch(), torch.int8: DecodeLaunch()}
+# on CUDA: the default, and the cache dtypes that measured faster with another
+# (none yet; scripts/tune_kernels.py times the alternatives)
+DEFAULT_LAUNCH = DecodeLaunch()
+LAUNCH: dict[torch.dtype, DecodeLaunch] = {}
 _CPU_LAUNCH = DecodeLaunch(block_n=16)
 
 
@@ -124,7 +125,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
     num_tokens, num_q, head_dim = q.shape
     page, num_kv = k_cache.shape[1], k_cache.shape[2]
     group = num_q // num_kv
-    launch = launch or (LAUNCH[k_cache.dtype] if q.is_cuda else _CPU_LAUNCH)
+    launch = launch or (LAUNCH.get(k_cache.dtype, DEFAULT_LAUNCH) if q.is_cuda else _CPU_LAUNCH)
     block_n = launch.block_n
     splits = _num_splits(q, num_kv, max_seq_len, sliding_window, block_n)
     part_out = torch.empty(num_tokens, num_q, splits, head_dim, dtype=torch.float32,

@@ -1,7 +1,7 @@
 """RayExecutor: tensor-parallel ranks as Ray actors, behind the ModelRunner shape.
 
     executor = RayExecutor(tp, runner_factory, device="auto")
-    sampled = executor.step(batch, sampling)  # SamplerOutput on the CPU (rank 0 sampled)
+    sampled = executor.submit_step(batch, sampling).result()  # SamplerOutput on the CPU
     logits = executor.execute(batch)          # [S, vocab] float32 on the CPU
     executor.shutdown()
 
@@ -119,14 +119,10 @@ class RayExecutor:
         """Next-token logits [S, vocab] float32 (CPU) for one ForwardBatch."""
         return self._call("execute", batch)
 
-    def step(self, batch, sampling):
-        """One ForwardBatch run on every rank and sampled on rank 0; the SamplerOutput
-        (CPU), or None when `sampling` is None."""
-        return self._call("step", batch, sampling)
-
     def submit_step(self, batch, sampling) -> "RemoteStep":
-        """`step` in two halves: the batch is on its way to rank 0 when this returns;
-        `.result()` waits for the SamplerOutput."""
+        """One ForwardBatch run on every rank and sampled on rank 0. The batch is on its
+        way to rank 0 when this returns; `.result()` waits for the SamplerOutput (CPU),
+        or None when `sampling` is None."""
         self._send("step", (batch, sampling))
         return RemoteStep(self)
 

@@ -8,6 +8,7 @@ methods and never looks inside the packing.
 """
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 
 from ..kernels import awq_dequantize, int4_tinygemm, w4a16_gemm
 from .comm import LocalGroup, TPGroup
+
+logger = logging.getLogger(__name__)
 
 Params = dict[str, torch.Tensor]
 
@@ -66,6 +69,7 @@ class AWQMethod:
 
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size
+        self._int4_failed = False  # PyTorch's int4 matmul failed once: do not try again
 
     def shapes(self, in_features, out_features, dtype):
         g = self.group_size
@@ -106,10 +110,16 @@ class AWQMethod:
     def finalize(self, layer: "ParallelLinear") -> None:
         """After loading, where PyTorch's int4 matmul runs (bf16 on CUDA): adds a copy of
         the weights packed for it, used for up to TINYGEMM_MAX_M rows."""
-        if int4_tinygemm.supports(layer.scales.dtype, layer.scales.device,
-                                  layer.qweight.shape[0], self.group_size):
-            packed, scales_and_zeros = int4_tinygemm.pack(layer.qweight, layer.scales,
-                                                          layer.qzeros)
+        if not self._int4_failed and int4_tinygemm.supports(
+                layer.scales.dtype, layer.scales.device, layer.qweight.shape[0], self.group_size):
+            try:
+                packed, scales_and_zeros = int4_tinygemm.pack(layer.qweight, layer.scales,
+                                                              layer.qzeros)
+            except RuntimeError as exc:  # a torch build without the CUDA kernels
+                self._int4_failed = True
+                logger.warning("PyTorch's int4 matmul is unavailable (%s); 4-bit layers use "
+                               "the Triton kernel", str(exc).splitlines()[0])
+                return
             layer.register_buffer("int4pack", packed)
             layer.register_buffer("scales_and_zeros", scales_and_zeros)
             layer.method = AWQTinyGemmMethod(self.group_size)

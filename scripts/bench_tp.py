@@ -90,7 +90,7 @@ def main() -> None:
     ws = workspace(cfg, tmp / f"{name}-tp{args.tp}", args.tp)
     ex = RayExecutor(args.tp, functools.partial(ModelRunner, ws, read_meta(ws), config),
                      device=args.device)
-    total = timed(lambda: ex.step(batch, sampling), args.steps)
+    total = timed(lambda: ex.submit_step(batch, sampling).result(), args.steps)
     parts = ex._call("time_steps", batch, sampling, args.steps)  # timed inside rank 0
     # the engine <-> rank 0 link alone: a call with a step's arguments that does no step
     round_trip = timed(lambda: ex._call("time_steps", batch, sampling, 0), args.steps)

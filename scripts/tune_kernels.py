@@ -72,7 +72,8 @@ def tune_decode(quick: bool) -> list:
                                  (2, 3) if quick else (1, 2, 3, 4))
         configs = [attention_decode.DecodeLaunch(b, w, s) for b, w, s in grid]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx}", configs, run,
-                          attention_decode.LAUNCH[torch.int8]))
+                          attention_decode.LAUNCH.get(torch.int8,
+                                                      attention_decode.DEFAULT_LAUNCH)))
     return rows
 
 

@@ -40,3 +40,30 @@ def test_only_bf16_on_cuda_qualifies():
     assert not int4_tinygemm.supports(torch.float16, cuda, 4096, 128)
     assert not int4_tinygemm.supports(torch.bfloat16, cuda, 4096, 100)
     assert not int4_tinygemm.supports(torch.bfloat16, cuda, 4160, 64)  # K not a multiple of 128
+
+
+def test_awq_layers_keep_their_kernel_when_the_int4_matmul_fails(monkeypatch, caplog):
+    """A torch build whose int4 kernels fail at load: one warning, and every layer keeps
+    the AutoAWQ layout and its outputs."""
+    from tpserve.parallel.linear import AWQMethod, ParallelLinear
+
+    def broken_pack(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(int4_tinygemm, "supports", lambda *args: True)
+    monkeypatch.setattr(int4_tinygemm, "pack", broken_pack)
+    method = AWQMethod(64)
+    layers = [ParallelLinear(128, 16, False, method, torch.float32) for _ in range(3)]
+    qweight, scales, qzeros = random_awq(128, 16, 64, seed=1, dtype=torch.float32)
+    x = torch.randn(2, 128)
+    for layer in layers:
+        layer.qweight.copy_(qweight)
+        layer.scales.copy_(scales)
+        layer.qzeros.copy_(qzeros)
+    want = layers[0](x)
+    with caplog.at_level("WARNING"):
+        for layer in layers:
+            layer.finalize()
+    assert all(layer.method is method for layer in layers)
+    assert sum("int4 matmul is unavailable" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(layers[2](x), want)

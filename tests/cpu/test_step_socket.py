@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tpserve.parallel.spin import spin_until
+from tpserve.parallel.spin import _spin_s_from_env, spin_until
 from tpserve.parallel.step_socket import StepClient, StepServer
 
 
@@ -73,3 +73,13 @@ def test_spin_until():
     assert time.monotonic() - start < 1.0
     assert not spin_until(lambda: False, 0.05)
     assert not spin_until(lambda: False, 0.0)
+
+
+@pytest.mark.parametrize("raw, want", [(None, 0.05), ("0", 0.0), ("0.2", 0.2), ("abc", 0.05),
+                                       ("-1", 0.05), ("nan", 0.05)])
+def test_spin_time_from_the_environment(monkeypatch, raw, want):
+    if raw is None:
+        monkeypatch.delenv("TPSERVE_STEP_SPIN_S", raising=False)
+    else:
+        monkeypatch.setenv("TPSERVE_STEP_SPIN_S", raw)
+    assert _spin_s_from_env() == want
