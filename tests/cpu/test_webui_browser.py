@@ -22,14 +22,15 @@ from tpserve.cluster.webui import ERROR_MARK, GenerationDefaults, build_webui, h
 
 GREEDY = GenerationDefaults(max_tokens=40, temperature=0.0, top_p=1.0)
 OBSERVE_JS = """() => {
+  // Watches the whole body: Gradio may mount (or re-mount) the chatbot after the input box.
   window.__shown = [];
-  const root = document.querySelector('#tpserve-chatbot');
   const record = () => {
-    const bots = root.querySelectorAll('[data-testid="bot"]');
+    const bots = document.querySelectorAll('#tpserve-chatbot [data-testid="bot"]');
     const text = bots.length ? bots[bots.length - 1].innerText : null;
     if (text !== null && window.__shown[window.__shown.length - 1] !== text) window.__shown.push(text);
   };
-  new MutationObserver(record).observe(root, {childList: true, subtree: true, characterData: true});
+  new MutationObserver(record).observe(document.body,
+                                       {childList: true, subtree: true, characterData: true});
 }"""
 LAST_BOT_JS = """() => {
   const bots = document.querySelectorAll('#tpserve-chatbot [data-testid="bot"]');
@@ -104,6 +105,7 @@ def opened(browser, url: str, **options):
     try:
         tab.goto(f"http://127.0.0.1:{port}/")
         tab.locator("#tpserve-input textarea").wait_for(timeout=20_000)
+        tab.locator("#tpserve-chatbot").wait_for(state="attached", timeout=20_000)
         yield tab
     finally:
         tab.close()
