@@ -49,13 +49,15 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="8 (or LMDeploy's 4): int8 KV cache; 0: off")
     g.add_argument("--eager-mode", type=str2bool, nargs="?", const=True, default=None,
                    help="run decode without CUDA graphs (slower; for debugging)")
+    g.add_argument("--async-scheduling", type=str2bool, nargs="?", const=True, default=None,
+                   help="schedule each step while the previous one runs (default: True)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     keys = ("session_len", "max_batch_size", "cache_max_entry_count", "cache_block_seq_len",
-            "quant_policy", "eager_mode", "device")
+            "quant_policy", "eager_mode", "async_scheduling", "device")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

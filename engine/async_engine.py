@@ -167,22 +167,28 @@ class AsyncLLMEngine:
     def _run_loop(self) -> None:
         """Steps while there is work, running the callers' commands between steps.
 
-        A step's outputs are handed over only once the next step is under way:
-        streaming them (on the event loop's thread) takes the GIL for a while, and
-        doing that while the device computes keeps it off the step's critical path.
+        With async scheduling, step t+1 is scheduled and started before step t's
+        tokens are read (LLMEngine.steps). A step's outputs are handed over only
+        once the next step is under way: streaming them (on the event loop's thread)
+        takes the GIL for a while, and doing that while the device computes keeps it
+        off the step's critical path.
         """
+        step = None
         try:
-            step = None
             while True:
+                ahead = self.engine.begin_step(after=step) \
+                    if self.engine.can_schedule_ahead(step) else None
                 if step is not None:
                     self._held = self.engine.finish_step(step)
-                    step = None
-                idle = not self._held and not self.engine.has_unfinished()
+                step = ahead
+                idle = step is None and not self._held and not self.engine.has_unfinished()
                 if not self._run_commands(block=idle):
                     break
-                if self.engine.has_unfinished():
+                if step is None and self.engine.has_unfinished():
                     step = self.engine.begin_step()
                 self._deliver([])
+            if step is not None:
+                self._held = self.engine.finish_step(step)
             self._deliver([])
             self._die(EngineDeadError("the engine was shut down"))
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting streams

@@ -107,6 +107,8 @@ class EngineConfig:
     quant_policy: int = 0
     enable_prefix_caching: bool = True
     eager_mode: bool = False  # True: no CUDA graphs for decode (slower; for debugging)
+    # schedule step t+1 while step t runs (llm_engine.py); False: one step at a time
+    async_scheduling: bool = True
     dtype: str = "auto"
     device: str = "auto"
 

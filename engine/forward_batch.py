@@ -4,6 +4,11 @@ Every scheduled request contributes its new tokens (a prefill chunk or one
 decode token) to a single token dimension T. Attention reads each request's
 whole context from the paged KV cache through its block table, so prefill,
 chunked prefill, prefix-cache hits and decode are the same operation.
+
+With async scheduling a step is built while the previous one still runs, so
+a decode token may not be known yet: `fed_rows` then names, per token, the
+row of the previous step's sampled tokens (on the runner's device) that
+gives its input id.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ class ForwardBatch(TensorDataclass):
     max_query_len: int
     max_seq_len: int
     logits_indices: torch.Tensor  # [S] int64, rows of T whose next-token logits are wanted
+    # [T] int64: the previous step's sampled row that is this token, -1 where input_ids has it;
+    # None when every input id is known
+    fed_rows: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -37,13 +45,16 @@ class ForwardBatch(TensorDataclass):
     @classmethod
     def build(cls, token_ids: list[list[int]], context_lens: list[int],
               block_tables: list[list[int]], block_size: int,
-              want_logits: list[bool] | None = None) -> "ForwardBatch":
+              want_logits: list[bool] | None = None,
+              fed_rows: list[int] | None = None) -> "ForwardBatch":
         """Builds a batch on the CPU from plain lists.
 
         token_ids[b]: the new tokens of request b; context_lens[b]: tokens of b
         already in the cache before them; block_tables[b]: b's block ids.
         want_logits[b]: whether b's last new token needs logits (a prefill
         chunk that does not finish the prompt does not).
+        fed_rows[b]: the row of the previous step's sampled tokens that is the
+        last of b's new tokens (still being sampled), or -1 when it is known.
         """
         want_logits = want_logits or [True] * len(token_ids)
         flat, pos, slots, qsl, seq_lens, logits_idx = [], [], [], [0], [], []
@@ -74,4 +85,14 @@ class ForwardBatch(TensorDataclass):
             block_tables=parts[6].view(len(block_tables), width).to(torch.int32),
             seq_lens=parts[4].to(torch.int32), query_start_loc=parts[5].to(torch.int32),
             max_query_len=max((len(t) for t in token_ids), default=0),
-            max_seq_len=max(seq_lens, default=0), logits_indices=parts[3])
+            max_seq_len=max(seq_lens, default=0), logits_indices=parts[3],
+            fed_rows=_fed_rows(fed_rows, qsl) if fed_rows and max(fed_rows) >= 0 else None)
+
+
+def _fed_rows(rows: list[int], query_start_loc: list[int]) -> torch.Tensor:
+    """[T] int64: rows[b] at the last token of request b, -1 elsewhere."""
+    fed = [-1] * query_start_loc[-1]
+    for b, row in enumerate(rows):
+        if row >= 0:
+            fed[query_start_loc[b + 1] - 1] = row
+    return torch.tensor(fed, dtype=torch.int64)

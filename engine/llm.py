@@ -108,8 +108,8 @@ class LLM:
             self.engine.add_request(request_id, ids, sp)
             order.append(request_id)
         done: dict[str, list[RequestOutput]] = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
+        for outputs in self.engine.steps():
+            for out in outputs:
                 if out.finished:
                     done.setdefault(out.request_id.split("[")[0], []).append(out)
         results = []

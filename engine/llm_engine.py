@@ -1,13 +1,22 @@
 """LLMEngine: the step loop that turns requests into streamed outputs.
 
 Each `step()`: schedule -> build the ForwardBatch and the SamplingBatch of the
-rows that end their request's known tokens -> `runner.submit_step` (forward and
+rows that end their request's tokens -> `runner.submit_step` (forward and
 sampling on the runner's device) -> append tokens -> detokenize and check stop
 conditions -> one RequestOutput per request that advanced or finished. A step is
 `begin_step` (up to the submit) then `finish_step` (the rest), so that a caller
-can do other work while the device computes. The runner is anything with the `ModelRunner` shape
-below; the ForwardBatch (built on the CPU) is its only per-step input, so an
-executor can broadcast it to tensor-parallel ranks unchanged.
+can do other work while the device computes. The runner is anything with the
+`ModelRunner` shape below; the ForwardBatch (built on the CPU) is its only
+per-step input, so an executor can broadcast it to tensor-parallel ranks unchanged.
+
+Async scheduling (`EngineConfig.async_scheduling`, `steps()`): step t+1 is
+scheduled and submitted before step t's tokens are read, so the host's work
+(reading tokens, detokenizing, scheduling, building the batch) overlaps the
+device's. Each request of step t then has a pending token; step t+1 feeds it
+from the runner's copy of step t's samples (ForwardBatch.fed_rows). A request
+that step t ends (a stop token or string) had one more token computed in step
+t+1, which is dropped; requests whose pending token reaches max_tokens or the
+session length are not scheduled again.
 """
 from __future__ import annotations
 
@@ -191,9 +200,33 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         return self.finish_step(self.begin_step())
 
-    def begin_step(self) -> StepInFlight:
+    def steps(self):
+        """Steps while there is work, yielding each step's outputs; with async scheduling
+        each step is scheduled and started before the previous one's tokens are read."""
+        step = None
+        while True:
+            ahead = self.begin_step(after=step) if self.can_schedule_ahead(step) else None
+            if step is not None:
+                yield self.finish_step(step)
+            if ahead is None:
+                if not self.has_unfinished():
+                    return
+                ahead = self.begin_step()
+            step = ahead
+
+    def can_schedule_ahead(self, step: StepInFlight | None) -> bool:
+        """Whether the next step may be scheduled while `step` runs (async scheduling):
+        its tokens then reach the next step's inputs on the device. Rows with
+        repetition, presence or frequency penalties need their whole history on the
+        host, so a step that samples any of them is waited for first."""
+        if not self.config.async_scheduling or step is None or step.future is None:
+            return False
+        return not any(_needs_history(r.sampling_params) for r in step.requests)
+
+    def begin_step(self, after: StepInFlight | None = None) -> StepInFlight:
         """Schedules and starts a step. Until `finish_step`, nothing may touch the engine
-        (the scheduled requests' blocks are being written)."""
+        but `begin_step(after=that step)` (see `can_schedule_ahead`), commands that add,
+        abort or end requests, and `finish_step` itself, in step order."""
         outputs, self._pending = self._pending, []
         scheduled = self.scheduler.schedule()
         for request in scheduled.finished:
@@ -202,27 +235,40 @@ class LLMEngine:
         chunks = scheduled.scheduled
         if not chunks:
             return StepInFlight(outputs)
+        fed_rows = None
+        if after is not None and after.requests:
+            row_of = {id(r): i for i, r in enumerate(after.requests)}
+            fed_rows = [row_of[id(c.request)] if c.last_token_pending else -1 for c in chunks]
         batch = ForwardBatch.build(
             [c.token_ids for c in chunks], [c.context_len for c in chunks],
             [list(c.request.block_ids) for c in chunks], self.runner.block_size,
-            [c.wants_logits for c in chunks])
+            [c.wants_logits for c in chunks], fed_rows)
         requests = [c.request for c in chunks if c.wants_logits]
         sampling = SamplingBatch.build(requests, self.runner.vocab_size) if requests else None
-        return StepInFlight(outputs, chunks, requests, self.runner.submit_step(batch, sampling))
+        future = self.runner.submit_step(batch, sampling)
+        for chunk in chunks:  # their K/V are on the way: the next step may build on them
+            chunk.request.num_computed_tokens += chunk.num_new_tokens
+        for request in requests:
+            request.num_pending += 1
+        return StepInFlight(outputs, chunks, requests, future)
 
     def finish_step(self, step: StepInFlight) -> list[RequestOutput]:
-        """Waits for the step's tokens; one RequestOutput per request that advanced or ended."""
-        if step.future is None:
+        """Waits for the step's tokens; one RequestOutput per request that advanced or ended.
+        The token of a request that ended meanwhile (it stopped on the token before, or was
+        aborted) is dropped."""
+        if step.future is None or not step.requests:
+            if step.future is not None:
+                step.future.result()
             return step.outputs
         sampled = step.future.result()
-        for chunk in step.chunks:
-            chunk.request.num_computed_tokens += chunk.num_new_tokens
-        if not step.requests:
-            return step.outputs
         token_ids = sampled.token_ids.tolist()
         logprobs = _logprob_rows(sampled, token_ids)
-        return step.outputs + [self._append_token(r, t, lp)
-                               for r, t, lp in zip(step.requests, token_ids, logprobs)]
+        outputs = step.outputs
+        for request, token_id, logprob in zip(step.requests, token_ids, logprobs):
+            request.num_pending -= 1
+            if not request.is_finished:
+                outputs.append(self._append_token(request, token_id, logprob))
+        return outputs
 
     def _append_token(self, request: Request, token_id: int,
                       logprob: TokenLogprob | None) -> RequestOutput:
@@ -267,6 +313,11 @@ class LLMEngine:
         parent = self._parent_of.pop(child_id, None)
         if parent is not None and all(cid not in self._states for cid in self._children.get(parent, ())):
             self._children.pop(parent, None)
+
+
+def _needs_history(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) \
+        or bool(params.frequency_penalty)
 
 
 def _sample_index(request_id: str) -> int:

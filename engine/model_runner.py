@@ -1,6 +1,7 @@
 """One rank's model and KV cache: takes a ForwardBatch, returns next-token logits."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -54,6 +55,7 @@ class ModelRunner:
         self.device = resolve_device(config.device, rank)
         self.dtype = resolve_dtype(config.dtype, meta, self.device)
         cfg = meta.model
+        self.group = group
         group.prepare_all_reduce(self.dtype, self.device)
         self.model = build_model(workspace, meta, rank, self.dtype, self.device, group,
                                  max_positions=config.session_len)
@@ -68,6 +70,10 @@ class ModelRunner:
         self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, kv_heads,
                                          cfg.head_dim, self.dtype, self.device, config.kv_int8,
                                          static)
+        # the last step's sampled token ids, on the device: the next step's fed inputs
+        self._last_sampled: torch.Tensor | None = None
+        self._fed_buffer = torch.zeros(config.max_batch_size, dtype=torch.int64,
+                                       device=self.device) if group.world_size > 1 else None
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.eager_mode:
             with torch.inference_mode():
@@ -100,9 +106,27 @@ class ModelRunner:
         """[S, vocab_size] float32 next-token logits, one row per batch.logits_indices entry.
         Decode batches replay a CUDA graph when there is one (the rows are then a view
         valid until the next step)."""
+        if batch.fed_rows is not None:
+            batch = self._feed(batch)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self._forward(batch.to(self.device, non_blocking=True))
+
+    def _feed(self, batch: ForwardBatch) -> ForwardBatch:
+        """The batch with its pending input ids taken from the last step's samples, on
+        the device (no host sync). Only rank 0 samples: it broadcasts them to the others."""
+        last = self._last_sampled
+        if last is None and self.group.rank == 0:
+            raise RuntimeError("a step feeds on sampled tokens, but this runner has sampled none")
+        if self._fed_buffer is not None:
+            if self.group.rank == 0:
+                self._fed_buffer[:last.shape[0]].copy_(last)
+            last = self.group.broadcast(self._fed_buffer)
+        rows = batch.fed_rows.to(self.device, non_blocking=True)
+        known = batch.input_ids.to(self.device, non_blocking=True)
+        fed = last.index_select(0, rows.clamp(min=0))
+        return dataclasses.replace(batch, input_ids=torch.where(rows >= 0, fed, known),
+                                   fed_rows=None)
 
     @torch.inference_mode()
     def step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> SamplerOutput | None:
@@ -110,19 +134,48 @@ class ModelRunner:
         logits = self.execute(batch)
         if sampling is None:
             return None
-        return sample(logits, sampling.to(self.device, non_blocking=True))
+        sampled = sample(logits, sampling.to(self.device, non_blocking=True))
+        self._last_sampled = sampled.token_ids
+        return sampled
 
     def submit_step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> "Launched":
-        """`step`: on a GPU the kernels are queued when it returns; reading the tokens
-        (`.tolist()`) waits for them."""
-        return Launched(self.step(batch, sampling))
+        """`step`, returning once the work is queued on the device; the sampled tokens
+        are copied to the host behind it (`Launched.result()` waits for them)."""
+        return Launched.of(self.step(batch, sampling))
 
 
 class Launched:
-    """A step whose work is queued on the device (or done, on the CPU)."""
+    """A step whose work is queued on the device (or done, on the CPU); its SamplerOutput
+    is being copied to the host."""
 
-    def __init__(self, sampled: SamplerOutput | None) -> None:
+    def __init__(self, sampled: SamplerOutput | None,
+                 copied: "torch.cuda.Event | None" = None) -> None:
         self._sampled = sampled
+        self._copied = copied
+
+    @classmethod
+    def of(cls, sampled: SamplerOutput | None) -> "Launched":
+        """Starts copying a device SamplerOutput to (pinned) host memory."""
+        if sampled is None or sampled.token_ids.device.type != "cuda":
+            return cls(sampled)
+        host = dataclasses.replace(sampled, **{
+            f.name: _pinned_copy(getattr(sampled, f.name)) for f in dataclasses.fields(sampled)
+            if isinstance(getattr(sampled, f.name), torch.Tensor)})
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(host, copied)
+
+    def done(self) -> bool:
+        return self._copied is None or self._copied.query()
 
     def result(self) -> SamplerOutput | None:
+        """The SamplerOutput on the host (None: nothing was sampled)."""
+        if self._copied is not None:
+            self._copied.synchronize()
         return self._sampled
+
+
+def _pinned_copy(x: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, queued on the current stream (read it after the
+    stream reaches an event recorded behind it)."""
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)

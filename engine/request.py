@@ -36,7 +36,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None  # why the engine stopped it, when it was not the request's own limits
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache (or queued to be written)
+    # tokens being sampled by steps in flight: counted when scheduling, not yet in token_ids
+    num_pending: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hash chain of the full blocks of token_ids
@@ -72,8 +74,16 @@ class Request:
 
     @property
     def num_remaining_tokens(self) -> int:
-        """Tokens not yet computed: the rest of the prompt, or the last sampled token."""
-        return len(self.token_ids) - self.num_computed_tokens
+        """Tokens not yet computed: the rest of the prompt, or the last sampled token
+        (which may still be pending: sampled by a step in flight)."""
+        return len(self.token_ids) + self.num_pending - self.num_computed_tokens
+
+    def length_reached(self, session_len: int) -> bool:
+        """Whether the tokens pending already reach max_tokens or session_len, so that the
+        request ends once they arrive and needs no further step."""
+        n = self.num_pending
+        return n > 0 and (self.num_output_tokens + n >= self.sampling_params.max_tokens
+                          or self.num_tokens + n >= session_len)
 
     @property
     def is_finished(self) -> bool:

@@ -31,7 +31,7 @@ class SamplingBatch(TensorDataclass):
     greedy: torch.Tensor | None  # [S] bool; None when all rows are greedy
     temperature: torch.Tensor | None  # [S] float32, 1.0 on greedy rows; None when all are
     seeds: tuple[int | None, ...]  # per row; None draws from the global generator
-    steps: tuple[int, ...]  # per row: tokens the request has generated so far
+    steps: tuple[int, ...]  # per row: tokens the request has generated so far (incl. pending)
     all_greedy: bool
     top_k: torch.Tensor | None = None  # [S] int64, vocab size where off
     top_p: torch.Tensor | None = None  # [S] float32, 1.0 where off
@@ -68,7 +68,7 @@ class SamplingBatch(TensorDataclass):
             temperature=None if all_greedy else
             column([1.0 if p.greedy else p.temperature for p in params]),
             seeds=tuple(p.seed for p in params),
-            steps=tuple(r.num_output_tokens for r in requests),
+            steps=tuple(r.num_output_tokens + r.num_pending for r in requests),
             all_greedy=all_greedy,
             top_k=column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.int64)
             if any(p.top_k for p in sampled) else None,

@@ -23,13 +23,18 @@ from .config import EngineConfig
 from .errors import RequestError
 from .request import Request, RequestStatus
 
+PENDING_TOKEN = 0  # stands in for a token still being sampled (any valid id would do)
+
 
 @dataclass(frozen=True)
 class ScheduledChunk:
     """num_new_tokens of `request`, starting at position context_len, run this step.
 
-    wants_logits: the chunk reaches the request's last known token, so the
-    step samples a new one (a chunk in the middle of a prompt does not).
+    wants_logits: the chunk reaches the request's last token, so the step
+    samples a new one (a chunk in the middle of a prompt does not).
+    A decode chunk scheduled while the step that samples its token is still in
+    flight (async scheduling) has that token pending: `token_ids` shows it as
+    PENDING_TOKEN and the runner takes it from the previous step's samples.
     """
 
     request: Request
@@ -40,11 +45,18 @@ class ScheduledChunk:
     @classmethod
     def of(cls, request: Request, num_new_tokens: int) -> "ScheduledChunk":
         context = request.num_computed_tokens
-        return cls(request, context, num_new_tokens, context + num_new_tokens == request.num_tokens)
+        end = context + num_new_tokens
+        return cls(request, context, num_new_tokens,
+                   end == request.num_tokens + request.num_pending)
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.token_ids[self.context_len:self.context_len + self.num_new_tokens]
+        known = self.request.token_ids[self.context_len:self.context_len + self.num_new_tokens]
+        return known + [PENDING_TOKEN] * (self.num_new_tokens - len(known))
+
+    @property
+    def last_token_pending(self) -> bool:
+        return self.context_len + self.num_new_tokens > self.request.num_tokens
 
 
 @dataclass(frozen=True)
@@ -156,8 +168,10 @@ class Scheduler:
             self.sessions.pop(request.session_id, None)
             self.pool.free(request)
             return
+        # a pending token that never arrived (stopped mid-flight) is not the session's
         self.sessions[request.session_id] = Session(
-            token_ids=request.token_ids, num_computed_tokens=request.num_computed_tokens,
+            token_ids=request.token_ids,
+            num_computed_tokens=min(request.num_computed_tokens, request.num_tokens),
             block_ids=request.block_ids, block_hashes=request.block_hashes)
         request.block_ids = []
 
@@ -174,6 +188,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.length_reached(self.config.session_len):
+                i += 1  # its pending token ends it
+                continue
             n = min(request.num_remaining_tokens, budget)
             if not self._allocate_or_preempt(request, n, preempted, finished):
                 break

@@ -115,6 +115,8 @@ class GlooBatchChannel:
             self._schema = schema
         shapes, ints, parts = [], [], []
         for (name, dtype, _), value in zip(schema[1], _values(obj)):
+            if dtype == "none":
+                continue
             if dtype is None:
                 ints.append(int(value))
             else:
@@ -175,6 +177,8 @@ def _schema_of(obj) -> tuple:
             if value.is_floating_point() or value.is_complex():
                 raise TypeError(f"{f.name}: only integer tensors can be broadcast, got {value.dtype}")
             fields.append((f.name, value.dtype, value.dim()))
+        elif value is None:  # an absent optional tensor: part of the schema, no payload
+            fields.append((f.name, "none", 0))
         else:
             fields.append((f.name, None, 0))
     return type(obj), fields
@@ -182,10 +186,13 @@ def _schema_of(obj) -> tuple:
 
 def _rebuild(schema: tuple, payload: torch.Tensor, header: list[int]):
     cls, fields = schema
-    dims = sum(ndim for _, dtype, ndim in fields if dtype is not None)
+    dims = sum(ndim for _, dtype, ndim in fields if dtype not in (None, "none"))
     shapes, ints = header[:dims], iter(header[dims:])
     values, offset = {}, 0
     for name, dtype, ndim in fields:
+        if dtype == "none":
+            values[name] = None
+            continue
         if dtype is None:
             values[name] = next(ints)
             continue

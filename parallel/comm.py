@@ -26,6 +26,9 @@ class LocalGroup:
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return x
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def broadcast_object(self, obj: object) -> object:
         return obj
 
@@ -57,6 +60,11 @@ class DistGroup:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` on every rank, in place."""
+        dist.broadcast(x, src=0, group=self.group)
+        return x
 
     def broadcast_object(self, obj: object) -> object:
         box = [obj]

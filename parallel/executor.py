@@ -46,13 +46,15 @@ class ExecutorDeadError(RuntimeError):
 
 
 class RemoteStep:
-    """A step sent to rank 0; `result()` waits for its SamplerOutput."""
+    """A step sent to rank 0; `result()` waits for its SamplerOutput. Steps in flight
+    (async scheduling sends one before reading the last) are finished in order."""
 
-    def __init__(self, executor: "RayExecutor") -> None:
+    def __init__(self, executor: "RayExecutor", number: int) -> None:
         self._executor = executor
+        self.number = number
 
     def result(self):
-        return self._executor._wait()
+        return self._executor._step_result(self.number)
 
 
 class RayExecutor:
@@ -70,6 +72,7 @@ class RayExecutor:
         self._checked_at = 0.0  # time.monotonic() of the last check before a step
         self._loops: list[ray.ObjectRef] = []  # rank r's serving task at index r
         self._client: StepClient | None = None
+        self._sent = self._answered = 0  # steps sent to rank 0, and answers read
         self._pg, self._own_pg = _placement(tp, self.use_gpu, placement_group, placement_timeout_s)
         self.workers = [_spawn(rank, tp, self.use_gpu, self._pg) for rank in range(tp)]
         try:
@@ -124,10 +127,21 @@ class RayExecutor:
         way to rank 0 when this returns; `.result()` waits for the SamplerOutput (CPU),
         or None when `sampling` is None."""
         self._send("step", (batch, sampling))
-        return RemoteStep(self)
+        self._sent += 1
+        return RemoteStep(self, self._sent)
+
+    def _step_result(self, number: int):
+        if number != self._answered + 1:
+            raise RuntimeError(f"step {number} finished out of order: the next answer is step "
+                               f"{self._answered + 1}'s")
+        self._answered += 1
+        return self._wait()
 
     def _call(self, method: str, *args):
         """Runs rank 0's `method`; fails at once if any rank dies meanwhile."""
+        if self._answered != self._sent:
+            raise RuntimeError(f"{method} called with {self._sent - self._answered} step(s) "
+                               "in flight; finish them first")
         self._send(method, args)
         return self._wait()
 
@@ -189,12 +203,24 @@ class RayExecutor:
         """Stops the ranks' loops, then ends the actors and frees their resources."""
         if self._dead is None and self.workers and self._client is not None:
             try:
-                self._client.call("stop", (), lambda waited: _give_up_after(waited, 10))
+                give_up = lambda waited: _give_up_after(waited, 10)  # noqa: E731
+                for _ in range(self._sent - self._answered):  # answers nobody will read
+                    self._drain_answer(give_up)
+                self._client.call("stop", (), give_up)
                 ray.wait(self._loops, num_returns=len(self._loops), timeout=10)
             except (RayError, OSError, EOFError, TimeoutError):
                 pass
             self._dead = "the executor was shut down"
         self._kill()
+
+    def _drain_answer(self, give_up) -> None:
+        try:
+            self._client.wait(give_up)
+        except (OSError, EOFError, TimeoutError):
+            raise
+        except Exception:  # noqa: BLE001 - the failure of a step nobody waits for
+            pass
+        self._answered += 1
 
     def _kill(self) -> None:
         if self._client is not None:

@@ -7,7 +7,9 @@ step is then one length-prefixed pickle each way. The engine authenticates with 
 random token it got through Ray (only Ray's own, trusted channel knows it), and
 rank 0 accepts exactly one connection.
 
-Messages are ``(method, args)`` to rank 0 and ``(ok, result or exception)`` back.
+Messages are ``(method, args)`` to rank 0 and ``(ok, result or exception)`` back,
+one answer per request and in request order; the engine may send a step before
+reading the answer to the one before (StepServer says how rank 0 orders them).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import secrets
 import select
 import socket
 import struct
-from typing import Any, Callable
+from collections import deque
+from typing import Any, Callable, Protocol
 
 from .spin import spin_until
 
@@ -56,17 +59,44 @@ def _readable(sock: socket.socket) -> Callable[[], bool]:
     return lambda: bool(select.select([sock], [], [], 0)[0])
 
 
+class Deferred(Protocol):
+    """What a deferred handler returns: work under way on a device."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> Any: ...
+
+
+class _Failed:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> Any:
+        raise self.exc
+
+
 class StepServer:
     """Rank 0's side: `listen()` then `serve(handlers)` until the engine says stop.
-    spin_s: how long to poll for the next request before blocking (spin.py)."""
+    spin_s: how long to poll for the next request before blocking (spin.py).
 
-    def __init__(self, host: str, spin_s: float = 0.0) -> None:
+    Deferred methods (steps) return work under way (`Deferred`); their answers go
+    back in order once done. The engine may send step t+1 before reading step t's
+    answer (async scheduling); with launch_first (GPU ranks) a request that is
+    already waiting is started before the answer of the step before it is sent,
+    so the device goes from one step to the next without waiting for the host."""
+
+    def __init__(self, host: str, spin_s: float = 0.0, launch_first: bool = False) -> None:
         self.spin_s = spin_s
+        self.launch_first = launch_first
         self.token = secrets.token_hex(16)
         self._listener = socket.create_server((host, 0))
         self.port = self._listener.getsockname()[1]
 
-    def serve(self, handlers: dict[str, Callable[..., Any]], accept_timeout_s: float) -> int:
+    def serve(self, handlers: dict[str, Callable[..., Any]], accept_timeout_s: float,
+              deferred: frozenset[str] = frozenset()) -> int:
         """Runs requests until "stop" (or the engine goes away); returns the step count."""
         self._listener.settimeout(accept_timeout_s)
         try:
@@ -76,17 +106,29 @@ class StepServer:
         conn.settimeout(None)
         _no_delay(conn)
         steps = 0
+        pending: deque[Deferred] = deque()
         with conn:
             if _recv(conn) != self.token:
                 raise PermissionError("a step connection presented the wrong token")
             _send(conn, (True, None))
             readable = _readable(conn)
             while True:
-                spin_until(readable, self.spin_s)
+                if not self._request_first(readable, pending):
+                    _answer(conn, pending.popleft())
+                    continue
                 try:
                     method, args = _recv(conn)
                 except StepSocketClosed:
                     return steps
+                if method in deferred:
+                    try:
+                        pending.append(handlers[method](*args))
+                    except Exception as exc:  # noqa: BLE001 - re-raised on the engine's side
+                        pending.append(_Failed(exc))
+                    steps += 1
+                    continue
+                while pending:
+                    _answer(conn, pending.popleft())
                 if method == "stop":
                     _send(conn, (True, steps))
                     return steps
@@ -96,6 +138,23 @@ class StepServer:
                     result = (False, exc)
                 _send(conn, result)
                 steps += 1
+
+    def _request_first(self, readable: Callable[[], bool], pending: deque) -> bool:
+        """Whether to read the next request now (True) or answer pending[0] (False)."""
+        if not pending:
+            spin_until(readable, self.spin_s)
+            return True  # blocks in the read if nothing came
+        head = pending[0]
+        spin_until(lambda: readable() or head.done(), self.spin_s)
+        return readable() and (self.launch_first or not head.done())
+
+
+def _answer(conn: socket.socket, work: Deferred) -> None:
+    try:
+        result = (True, work.result())
+    except Exception as exc:  # noqa: BLE001 - re-raised on the engine's side
+        result = (False, exc)
+    _send(conn, result)
 
 
 class StepClient:

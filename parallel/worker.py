@@ -34,6 +34,8 @@ class Runner(Protocol):
 
     def step(self, batch, sampling): ...
 
+    def submit_step(self, batch, sampling): ...  # -> work with done() and result()
+
 
 RunnerFactory = Callable[[int, TPGroup], Runner]
 
@@ -108,6 +110,12 @@ class TPWorker:
         sampled = self.runner.step(batch, sampling)
         return None if sampled is None else sampled.to("cpu")
 
+    def launch_step(self, batch, sampling):
+        """Rank 0, serving: `step` returning once it is queued on the device (the answer
+        goes back when its sampled tokens reach the host; see StepServer)."""
+        self.channel.send(batch)
+        return self.runner.submit_step(batch, sampling)
+
     def time_steps(self, batch, sampling, steps: int) -> dict[str, float]:
         """Rank 0, for benchmarks: mean ms of each part of `step` over `steps` steps."""
         parts = {"send": 0.0, "forward_and_sample": 0.0, "to_cpu": 0.0}
@@ -146,16 +154,16 @@ class TPWorker:
     def open_step_server(self) -> tuple[str, int, str]:
         """Rank 0: listens for the engine's step connection; (address, port, token)."""
         host = ray.util.get_node_ip_address()
-        self._steps = StepServer(host, spin_s=self.spin_s)
+        self._steps = StepServer(host, spin_s=self.spin_s, launch_first=self.use_gpu)
         return host, self._steps.port, self._steps.token
 
     def serve_steps(self, accept_timeout_s: float) -> int:
         """Rank 0: runs the engine's calls (execute, step, time_steps) until it says
         stop or disconnects; then ends the other ranks' loops. Returns the step count."""
-        handlers = {"execute": self.execute, "step": self.step, "time_steps": self.time_steps,
-                    "profile_steps": self.profile_steps}
+        handlers = {"execute": self.execute, "step": self.launch_step,
+                    "time_steps": self.time_steps, "profile_steps": self.profile_steps}
         try:
-            return self._steps.serve(handlers, accept_timeout_s)
+            return self._steps.serve(handlers, accept_timeout_s, deferred=frozenset({"step"}))
         finally:
             self.stop()
 

@@ -3,6 +3,7 @@
     python scripts/bench_latency.py --shape llama3-8b --batch 1 8 --out-len 256
     python scripts/bench_latency.py --workspace WS --tp 2 --no-baseline     # tensor parallel
     python scripts/bench_latency.py --awq-group 128 --no-baseline            # random W4A16 weights
+    python scripts/bench_latency.py --no-async-scheduling --label sync       # one step at a time
 
 Prints tok/s, ms/token, MBU (bytes read per step over the measured copy
 bandwidth of all the GPUs used) and the ratio to transformers.
@@ -35,8 +36,7 @@ def time_tpserve(llm, batch: int, in_len: int, out_len: int) -> tuple[float, flo
     start = time.perf_counter()
     first = None
     steps = 0
-    while engine.has_unfinished():
-        engine.step()
+    for _ in engine.steps():  # as the server steps: async scheduling unless turned off
         steps += 1
         if first is None:
             torch.cuda.synchronize()
@@ -78,6 +78,8 @@ def main() -> None:
                    help="> 0: the workspace holds 4-bit AWQ weights with this group size")
     p.add_argument("--quant-policy", type=int, default=0, help="8: int8 KV cache")
     p.add_argument("--eager-mode", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="one step at a time (the next is scheduled once the last is read)")
     p.add_argument("--label", default="tpserve", help="engine name in the table")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", default=None)
@@ -89,7 +91,7 @@ def main() -> None:
     ws = workspace_for(cfg, args.workspace, args.tp, args.awq_group)
     bw = copy_bandwidth() * args.tp
     llm = LLM(ws, cache_max_entry_count=0.5, session_len=4096, quant_policy=args.quant_policy,
-              eager_mode=args.eager_mode)
+              eager_mode=args.eager_mode, async_scheduling=not args.no_async_scheduling)
     for b in args.batch:  # warm-up at each measured shape: Triton compiles per specialization
         time_tpserve(llm, b, args.in_len, 8)
     rows = []

@@ -40,8 +40,8 @@ def run_tpserve(llm, reqs) -> float:
     for i, (ids, out_len) in enumerate(reqs):
         engine.add_request(f"tp-{i}", ids, SamplingParams(max_tokens=out_len, temperature=0,
                                                           ignore_eos=True))
-    while engine.has_unfinished():
-        engine.step()
+    for _ in engine.steps():
+        pass
     torch.cuda.synchronize()
     return time.perf_counter() - start
 
@@ -81,6 +81,8 @@ def main() -> None:
     p.add_argument("--awq-group", type=int, default=0, help="> 0: random 4-bit AWQ weights")
     p.add_argument("--label", default="tpserve", help="engine name in the table")
     p.add_argument("--workspace", default=None)
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="one step at a time (the next is scheduled once the last is read)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -91,7 +93,8 @@ def main() -> None:
     ws = workspace_for(cfg, args.workspace, args.tp, args.awq_group)
     reqs = workload(args.num_prompts)
     llm = LLM(ws, cache_max_entry_count=args.cache_max_entry_count, session_len=2048,
-              max_batch_size=args.max_batch_size, quant_policy=args.quant_policy)
+              max_batch_size=args.max_batch_size, quant_policy=args.quant_policy,
+              async_scheduling=not args.no_async_scheduling)
     blocks = llm.engine.pool.num_blocks
     run_tpserve(llm, workload(4, seed=1))  # warm-up
     secs = run_tpserve(llm, reqs)

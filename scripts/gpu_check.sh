@@ -63,6 +63,8 @@ for part in "${parts[@]}"; do
     ws=$(workspace l3 --shape llama3-8b)
     python3 scripts/bench_latency.py --workspace "$ws" --batch 1 8 --out-len 128 --label eager \
       --eager-mode --no-baseline --json "$out/latency_eager.json" 2>&1 | tail -4
+    python3 scripts/bench_latency.py --workspace "$ws" --batch 1 8 --out-len 128 --label sync \
+      --no-async-scheduling --no-baseline --json "$out/latency_sync.json" 2>&1 | tail -4
     python3 scripts/bench_latency.py --workspace "$ws" --batch 1 8 --out-len 128 \
       --json "$out/latency.json" 2>&1 | tee "$out/bench_latency.log" | tail -7;;
   throughput)
@@ -94,6 +96,8 @@ for part in "${parts[@]}"; do
       ws=$(workspace l3tp$tp --shape llama3-8b --tp $tp)
       timeout -k 10 400 python3 scripts/bench_latency.py --workspace "$ws" --tp $tp --batch 1 8 --out-len 128 \
         --label tp=$tp --no-baseline --json "$out/tp$tp.json" 2>&1 | tail -4
+      timeout -k 10 400 python3 scripts/bench_latency.py --workspace "$ws" --tp $tp --batch 1 8 --out-len 128 \
+        --label "tp=$tp sync" --no-async-scheduling --no-baseline --json "$out/tp${tp}_sync.json" 2>&1 | tail -4
     done;;
   tpstep)
     [ "$gpus" -ge 2 ] || { echo "tpstep needs 2 GPUs"; continue; }

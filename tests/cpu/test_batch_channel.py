@@ -18,7 +18,10 @@ def _batches():
     long_prompt = list(range(3000))  # 3 x 3000 ints: too long for one gloo message
     prefill = ForwardBatch.build([long_prompt, [4, 2]], [0, 5], [list(range(47)), [50]], 64)
     huge = ForwardBatch.build([list(range(200_000))], [0], [list(range(3200))], 64)  # > 1 MiB
-    return [decode, prefill, huge, decode]
+    fed = ForwardBatch.build([[5], [0], [0]], [10, 70, 3], [[0], [1, 2], [3]], 64,
+                             fed_rows=[-1, 2, 0])  # async scheduling: two pending tokens
+    assert fed.fed_rows.tolist() == [-1, 2, 0]
+    return [decode, prefill, huge, fed, decode]
 
 
 def _same(a, b) -> bool:

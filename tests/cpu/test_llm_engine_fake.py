@@ -3,9 +3,13 @@
 The fake keeps a "KV cache" of token ids: each step writes the new tokens at
 their slots, then reads every sequence's whole context back through its block
 table. Its next token is a hash of that context, so a wrong block table,
-slot, prefix hit or recompute after preemption changes the output.
+slot, prefix hit or recompute after preemption changes the output. Like a
+model runner, it keeps its last sampled tokens and feeds a batch's pending
+tokens (async scheduling) from them. Every test runs with async scheduling
+on (`LLMEngine.steps`) and off (one `step()` at a time).
 """
 import asyncio
+import dataclasses
 import random
 import time
 
@@ -46,12 +50,19 @@ class FakeRunner:
         self.delay = delay
         self.fail = False
         self.num_steps = 0
+        self.num_fed = 0  # tokens taken from the last step's samples
+        self.last_sampled = None
 
     def execute(self, batch):
         if self.fail:
             raise RuntimeError("device lost")
         time.sleep(self.delay)
         self.num_steps += 1
+        if batch.fed_rows is not None:
+            rows = batch.fed_rows
+            fed = self.last_sampled[rows.clamp(min=0)]
+            batch = dataclasses.replace(batch, input_ids=torch.where(rows >= 0, fed, batch.input_ids))
+            self.num_fed += int((rows >= 0).sum())
         self.cache[batch.slot_mapping] = batch.input_ids
         qsl, wanted = batch.query_start_loc.tolist(), set(batch.logits_indices.tolist())
         rows = []
@@ -67,7 +78,11 @@ class FakeRunner:
 
     def step(self, batch, sampling):
         logits = self.execute(batch)
-        return None if sampling is None else sample(logits, sampling)
+        if sampling is None:
+            return None
+        sampled = sample(logits, sampling)
+        self.last_sampled = sampled.token_ids
+        return sampled
 
     def submit_step(self, batch, sampling):
         return Launched(self.step(batch, sampling))
@@ -80,8 +95,17 @@ class CharTokenizer:
         return "".join(chr(97 + t % 26) for t in ids)
 
 
+ASYNC = {"async_scheduling": True}
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["async", "sync"])
+def scheduling(request):
+    ASYNC["async_scheduling"] = request.param
+    yield request.param
+
+
 def make_engine(num_blocks=64, tokenizer=None, eos=(), delay=0.0, **config):
-    config = EngineConfig(cache_block_seq_len=BS, **config)
+    config = EngineConfig(cache_block_seq_len=BS, **{**ASYNC, **config})
     return LLMEngine(FakeRunner(num_blocks, delay), tokenizer, config, eos)
 
 
@@ -90,13 +114,13 @@ def greedy(max_tokens, **kw):
 
 
 def run(engine, limit=10_000):
+    """Every output by request id, from `steps()` (async scheduling when the config has it)."""
     results = {}
-    for _ in range(limit):
-        if not engine.has_unfinished():
-            return results
-        for out in engine.step():
+    for i, outputs in enumerate(engine.steps()):
+        assert i < limit, "engine did not finish"
+        for out in outputs:
             results.setdefault(out.request_id, []).append(out)
-    raise AssertionError("engine did not finish")
+    return results
 
 
 def assert_idle(engine):
@@ -277,6 +301,105 @@ def test_abort_and_zero_max_tokens():
     assert_idle(engine)
     with pytest.raises(RequestError, match="vocabulary"):
         engine.add_request("bad", [V], greedy(1))
+
+
+def test_random_traffic_with_stops_preemption_and_prefix_hits(scheduling):
+    """Requests arriving between steps, ending on stop tokens or max_tokens, in a cache
+    small enough to preempt, sharing prefixes: every output equals the reference. With
+    async scheduling, pending tokens are fed on the runner and a request that stopped
+    loses exactly the one extra token computed for it."""
+    rng = random.Random(7)
+    stop_ids = {3, 50}
+    engine = make_engine(num_blocks=24, max_prefill_tokens=12, max_batch_size=6, eos=[3])
+    expected, results, added = {}, {}, 0
+    shared = [rng.randrange(V) for _ in range(9)]
+    steps = engine.steps()
+    while True:
+        if added < 24 and rng.random() < 0.6:
+            prompt = (shared if rng.random() < 0.5 else []) + \
+                [rng.randrange(V) for _ in range(rng.randrange(1, 12))]
+            max_tokens = rng.randrange(1, 14)
+            engine.add_request(f"r{added}", prompt, greedy(max_tokens, stop_token_ids=[50]))
+            expected[f"r{added}"] = reference(prompt, max_tokens, stop_ids)
+            added += 1
+        try:
+            outputs = next(steps)
+        except StopIteration:
+            if added == 24:
+                break
+            steps = engine.steps()
+            continue
+        for out in outputs:
+            results[out.request_id] = out
+    assert {rid: o.token_ids for rid, o in results.items()} == expected
+    assert engine.stats().num_preemptions > 0 and engine.stats().prefix_cache_hits > 0
+    assert engine.stats().generation_tokens_total == sum(map(len, expected.values()))
+    assert (engine.runner.num_fed > 0) == scheduling
+    assert_idle(engine)
+
+
+def test_async_scheduling_wastes_one_token_per_stop_and_none_per_length(scheduling):
+    prompt = [1, 2, 3]
+    ref = reference(prompt, 30)
+    stopping = make_engine(eos=[ref[4]])
+    stopping.add_request("eos", prompt, greedy(30))
+    assert run(stopping)["eos"][-1].token_ids == ref[:5]
+    # a step per token (the first is the prefill's); async: the step scheduled while the
+    # stop token was being sampled also ran
+    assert stopping.runner.num_steps == 5 + scheduling
+    bounded = make_engine()
+    bounded.add_request("len", prompt, greedy(8))
+    assert run(bounded)["len"][-1].token_ids == ref[:8]
+    assert bounded.runner.num_steps == 8
+    assert_idle(stopping)
+    assert_idle(bounded)
+
+
+def test_abort_while_the_next_step_is_in_flight():
+    engine = make_engine(async_scheduling=True)
+    engine.add_request("a", [4, 4, 4], greedy(50))
+    engine.add_request("b", [5, 6], greedy(6))
+    step = engine.begin_step()
+    ahead = engine.begin_step(after=step)  # scheduled before step's tokens are read
+    first = engine.finish_step(step)
+    assert {o.request_id: o.token_ids for o in first} == {
+        "a": reference([4, 4, 4], 1), "b": reference([5, 6], 1)}
+    final = engine.abort_request("a")  # its row in `ahead` is computed, then dropped
+    assert final[0].finish_reason == "abort" and final[0].token_ids == reference([4, 4, 4], 1)
+    second = engine.finish_step(ahead)
+    assert [(o.request_id, o.token_ids) for o in second] == [("b", reference([5, 6], 2))]
+    assert engine.runner.num_fed == 2
+    assert run(engine)["b"][-1].token_ids == reference([5, 6], 6)
+    assert_idle(engine)
+
+
+def test_session_turn_that_stops_early_continues_exactly(scheduling):
+    """A turn ending on a stop token while its next step is in flight leaves the session
+    only the tokens it returned; the next turn computes from there."""
+    turn1 = [3, 1, 4, 1, 5]
+    ref = reference(turn1, 20)
+    engine = make_engine(session_len=64, eos=[ref[2]])
+    engine.add_request("t1", turn1, greedy(20), session_id=1, keep_session=True)
+    out1 = run(engine)["t1"][-1]
+    assert out1.token_ids == ref[:3] and out1.finish_reason == "stop"
+    engine.add_request("t2", [9, 2], greedy(4, ignore_eos=True), session_id=1, keep_session=True)
+    out2 = run(engine)["t2"][-1]
+    assert out2.token_ids == reference(turn1 + ref[:3] + [9, 2], 4)
+    engine.end_session(1)
+    assert_idle(engine)
+
+
+def test_penalties_wait_for_the_tokens_they_count(scheduling):
+    """Repetition and presence penalties need every earlier token on the host: a step
+    that samples such a row is finished before the next is scheduled."""
+    params = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=3.0)
+    engine = make_engine()
+    engine.add_request("p", [1, 2, 3], params)
+    got = run(engine)["p"][-1].token_ids
+    sync = make_engine(async_scheduling=False)
+    sync.add_request("p", [1, 2, 3], params)
+    assert got == run(sync)["p"][-1].token_ids
+    assert engine.runner.num_fed == 0
 
 
 # -- the async engine --------------------------------------------------------------

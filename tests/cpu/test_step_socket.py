@@ -3,6 +3,7 @@ health callback, polling (spin_s) gives the same results as blocking, and a wron
 token is refused."""
 import threading
 import time
+from collections import deque
 
 import pytest
 
@@ -10,9 +11,10 @@ from tpserve.parallel.spin import _spin_s_from_env, spin_until
 from tpserve.parallel.step_socket import StepClient, StepServer
 
 
-def _serve(server, handlers):
+def _serve(server, handlers, deferred=frozenset()):
     done = {}
-    thread = threading.Thread(target=lambda: done.setdefault("steps", server.serve(handlers, 10)))
+    thread = threading.Thread(
+        target=lambda: done.setdefault("steps", server.serve(handlers, 10, deferred)))
     thread.start()
     return thread, done
 
@@ -45,6 +47,80 @@ def test_calls_answers_errors_and_slow_answers(spin_s):
     thread.join(10)
     assert done["steps"] == 53
     client.close()
+
+
+class Work:
+    """Stands in for a step queued on a device: done once `release()` is called."""
+
+    def __init__(self, log, value):
+        self.log, self.value, self.released = log, value, threading.Event()
+        log.append(("launch", value))
+
+    def done(self):
+        return self.released.is_set()
+
+    def result(self):
+        self.released.wait(10)
+        if isinstance(self.value, Exception):
+            raise self.value
+        self.log.append(("answer", self.value))
+        return self.value
+
+
+def test_deferred_steps_answer_in_order():
+    """Step t+1 sent before step t's answer is read: it starts while step t runs, and
+    answers (failures included) come back in request order."""
+    log, works = [], []
+
+    def launch(value):
+        works.append(Work(log, value))
+        return works[-1]
+
+    server = StepServer("127.0.0.1", spin_s=0.05, launch_first=True)
+    thread, done = _serve(server, {"step": launch, "add": lambda a, b: a + b},
+                          deferred=frozenset({"step"}))
+    client = StepClient("127.0.0.1", server.port, server.token, 10, spin_s=0.05)
+    client.send("step", (1,))
+    client.send("step", (2,))
+    while len(works) < 2:  # step 2 starts though step 1 is not done
+        time.sleep(0.001)
+    works[1].released.set()
+    works[0].released.set()
+    assert client.wait(lambda waited: None) == 1
+    assert client.wait(lambda waited: None) == 2
+    assert log == [("launch", 1), ("launch", 2), ("answer", 1), ("answer", 2)]
+    client.send("step", (ValueError("bad batch"),))  # a failed step, then a plain call
+    client.send("add", (2, 3))  # answered after the step before it
+    works[-1].released.set()
+    with pytest.raises(ValueError, match="bad batch"):
+        client.wait(lambda waited: None)
+    assert client.wait(lambda waited: None) == 5
+    assert client.call("stop", (), lambda waited: None) == 4
+    thread.join(10)
+    assert done["steps"] == 4
+    client.close()
+
+
+class Done:
+    def __init__(self, done):
+        self._done = done
+
+    def done(self):
+        return self._done
+
+
+@pytest.mark.parametrize("launch_first", [True, False])
+def test_what_rank_0_does_next(launch_first):
+    """A request is read first when nothing is pending or the pending step is still
+    running; when both are ready, GPU ranks (launch_first) start the request first (the
+    device keeps busy), CPU ranks answer first (their steps compute when started)."""
+    server = StepServer("127.0.0.1", spin_s=0.0, launch_first=launch_first)
+    first = server._request_first
+    assert first(lambda: False, deque()) is True
+    assert first(lambda: True, deque([Done(False)])) is True
+    assert first(lambda: False, deque([Done(True)])) is False
+    assert first(lambda: True, deque([Done(True)])) is launch_first
+    server._listener.close()
 
 
 def test_wrong_token_is_refused():

@@ -87,12 +87,24 @@ def test_llama_tp2_matches_tp1_and_transformers(llama_llm, tiny_workspace, tiny_
     check_family("llama", ex, tiny_workspace, tiny_hf)
 
 
-def test_llm_generate_tp2_greedy_equals_direct_decoding(llama_llm, tiny_workspace, tiny_hf):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_llm_generate_tp2_greedy_equals_direct_decoding(llama_llm, tiny_hf, monkeypatch,
+                                                        async_scheduling):
+    """With async scheduling, rank 0 gets step t+1 before step t's answer is read, and
+    feeds the pending tokens (broadcast to rank 1) from its own samples."""
     from tpserve.engine.sampling_params import SamplingParams
 
+    engine = llama_llm.engine
+    monkeypatch.setattr(engine, "config", engine.config.replace(async_scheduling=async_scheduling))
+    ahead = []
+    begin = engine.begin_step
+    monkeypatch.setattr(engine, "begin_step",
+                        lambda after=None: ahead.append(after is not None) or begin(after))
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
     outs = llama_llm.generate(PROMPTS, params)
     assert [o.token_ids for o in outs] == hf_greedy(tiny_hf("llama")[1])[1]
+    # every step after the prefill was scheduled ahead, and one more (empty: max_tokens)
+    assert sum(ahead) == (STEPS if async_scheduling else 0)
 
 
 def test_qwen2_tp2_in_the_callers_placement_group(ray_cluster, tiny_workspace, tiny_hf):

@@ -61,3 +61,24 @@ def test_cuda_graphs_equal_eager(real_width):
             llm.shutdown()
     same = sum(a == b for a, b in zip(runs[True], runs[False]))
     assert same == len(prompts), f"{len(prompts) - same} of {len(prompts)} rows differ"
+
+
+def test_async_scheduling_equals_one_step_at_a_time(real_width):
+    """Pending tokens fed on the device (CUDA graphs, pinned copies behind an event) give
+    the tokens of one step at a time, also where rows end early on a stop token."""
+    from tpserve.engine.sampling_params import SamplingParams
+
+    ws, _ = real_width
+    prompts = shared_prefix_prompts(128256, seed=2) * 2
+    runs = {}
+    for mode in (False, True):
+        llm = LLM(ws, async_scheduling=mode, **OPTIONS)
+        try:
+            plain = greedy(llm, prompts, 32)
+            stop = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True,
+                                  stop_token_ids=[runs[False][0][0][5]] if runs else [plain[0][5]])
+            runs[mode] = (plain, [o.token_ids for o in llm.generate(prompts, stop)])
+        finally:
+            llm.shutdown()
+    assert runs[True] == runs[False]
+    assert len(runs[True][1][0]) == 6  # the first row stopped on its sixth token
