@@ -129,7 +129,7 @@ class KVBlockPool:
         """Hashes the full blocks of the first num_tokens tokens that are known (not
         pending: a block ending in a pending token is hashed on a later call)."""
         hashes, size = request.block_hashes, self.block_size
-        num_tokens = min(num_tokens, request.num_tokens)
+        num_tokens = min(num_tokens, len(request.token_ids))
         for i in range(len(hashes), num_tokens // size):
             parent = hashes[i - 1] if i else None
             hashes.append(hash_block(parent, tuple(request.token_ids[i * size:(i + 1) * size])))
@@ -138,8 +138,10 @@ class KVBlockPool:
         self._hash_full_blocks(request, num_tokens)
         # blocks below num_computed_tokens were registered when they were allocated or hit,
         # except the last of them when a pending token completed it (not hashable then)
-        first = max(0, request.num_computed_tokens // self.block_size - 1)
-        for i in range(first, min(num_tokens, request.num_tokens) // self.block_size):
+        first = request.num_computed_tokens // self.block_size
+        if first and self.blocks[request.block_ids[first - 1]].block_hash is None:
+            first -= 1
+        for i in range(first, min(len(request.block_hashes), num_tokens // self.block_size)):
             block = self.blocks[request.block_ids[i]]
             block_hash = request.block_hashes[i]
             if block.block_hash is None and block_hash not in self._hash_to_block:

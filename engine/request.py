@@ -82,8 +82,11 @@ class Request:
         """Whether the tokens pending already reach max_tokens or session_len, so that the
         request ends once they arrive and needs no further step."""
         n = self.num_pending
-        return n > 0 and (self.num_output_tokens + n >= self.sampling_params.max_tokens
-                          or self.num_tokens + n >= session_len)
+        if not n:
+            return False
+        total = len(self.token_ids) + n
+        return total - self.num_prompt_tokens >= self.sampling_params.max_tokens \
+            or total >= session_len
 
     @property
     def is_finished(self) -> bool:

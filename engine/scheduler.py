@@ -47,7 +47,7 @@ class ScheduledChunk:
         context = request.num_computed_tokens
         end = context + num_new_tokens
         return cls(request, context, num_new_tokens,
-                   end == request.num_tokens + request.num_pending)
+                   end == len(request.token_ids) + request.num_pending)
 
     @property
     def token_ids(self) -> list[int]:
@@ -188,7 +188,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if request.length_reached(self.config.session_len):
+            if request.num_pending and request.length_reached(self.config.session_len):
                 i += 1  # its pending token ends it
                 continue
             n = min(request.num_remaining_tokens, budget)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What `LLMEngine.step` costs the host per step, without a model: no GPU needed.
 
-    python scripts/bench_engine_host.py [--batch 1 16 64] [--profile]
+    python scripts/bench_engine_host.py [--batch 1 16 64] [--profile] [--no-async-scheduling]
 
 A runner that samples a fixed token at once stands in for the model, so the
 time a step takes is the engine's own work on the host: scheduling, building
@@ -44,9 +44,10 @@ class ByteDecoder:
         return "".join(chr(97 + t % 26) for t in ids)
 
 
-def run(batch: int, steps: int, prompt_len: int, profile: bool) -> float:
+def run(batch: int, steps: int, prompt_len: int, profile: bool,
+        async_scheduling: bool = True) -> float:
     config = EngineConfig(max_batch_size=batch, session_len=prompt_len + steps + 64,
-                          cache_block_seq_len=64)
+                          cache_block_seq_len=64, async_scheduling=async_scheduling)
     blocks = batch * ((prompt_len + steps + 64) // 64 + 2)
     engine = LLMEngine(InstantRunner(blocks, 64, 32000), ByteDecoder(), config)
     params = SamplingParams(temperature=0, max_tokens=steps + 10, ignore_eos=True)
@@ -58,8 +59,9 @@ def run(batch: int, steps: int, prompt_len: int, profile: bool) -> float:
     start = time.perf_counter()
     if profiler:
         profiler.enable()
+    loop = engine.steps()  # as the server steps
     for _ in range(steps):
-        engine.step()
+        next(loop)
     if profiler:
         profiler.disable()
     per_step = (time.perf_counter() - start) / steps * 1e6
@@ -74,11 +76,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--profile", action="store_true", help="print the hottest functions")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="one step at a time (async scheduling adds the pending-token "
+                   "bookkeeping, and overlaps the device on a GPU)")
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"{'batch':>5s} {'us a step':>10s} {'us a row':>9s}")
     for batch in args.batch:
-        us = run(batch, args.steps, args.prompt_len, args.profile)
+        us = run(batch, args.steps, args.prompt_len, args.profile, not args.no_async_scheduling)
         print(f"{batch:5d} {us:10.1f} {us / batch:9.1f}", flush=True)
 
 
