@@ -88,10 +88,12 @@ def test_serve_cli_flags():
     add_serve_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "api_server", "./workspace", "--server-name", "0.0.0.0",
                               "--server-port", "8000", "--instance-num", "32", "--tp", "2",
-                              "--api-keys", "k1", "k2", "--session-len", "2048", "--device", "cpu"])
+                              "--api-keys", "k1", "k2", "--session-len", "2048", "--device", "cpu",
+                              "--async-scheduling", "False"])
     config = config_from_args(args)
     assert (config.tp, config.instance_num, config.api_keys) == (2, 32, ("k1", "k2"))
-    assert config.engine_options == {"session_len": 2048, "max_batch_size": 32, "device": "cpu"}
+    assert config.engine_options == {"session_len": 2048, "max_batch_size": 32, "device": "cpu",
+                                     "async_scheduling": False}
     assert args.server_port == 8000 and config.device == "cpu"
     args = parser.parse_args(["serve", "gradio", "http://h:23333", "--restful-api", "True"])
     assert args.restful_api is True and args.server_port == 6006
