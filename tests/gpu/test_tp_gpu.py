@@ -47,6 +47,20 @@ def greedy(runner) -> tuple[torch.Tensor, list[list[int]]]:
     return runner_greedy(runner, PROMPTS, STEPS)
 
 
+def engine_greedy(executor, async_scheduling: bool) -> list[list[int]]:
+    """STEPS greedy tokens per prompt through an LLMEngine over the executor."""
+    from tpserve.engine.llm_engine import LLMEngine
+    from tpserve.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(executor, None, CONFIG.replace(async_scheduling=async_scheduling))
+    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt, params)
+    final = {o.request_id: o.token_ids for outputs in engine.steps() for o in outputs
+             if o.finished}
+    return [final[str(i)] for i in range(len(PROMPTS))]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
@@ -79,6 +93,8 @@ def test_tp_nccl_greedy_equals_tp1(tp, reference):
         torch.testing.assert_close(logits, ref_logits, rtol=1e-3,
                                    atol=1e-3 * float(ref_logits.abs().max()))
         assert tokens == ref_tokens
+        for async_scheduling in (True, False):  # rank 0 feeds and broadcasts pending tokens
+            assert engine_greedy(ex, async_scheduling) == ref_tokens, async_scheduling
         batch = ForwardBatch.build([[5]], [10], [[0]], ex.block_size)
         ex.execute(batch)
         start = time.perf_counter()
