@@ -13,7 +13,8 @@ Async scheduling (`EngineConfig.async_scheduling`, `steps()`): step t+1 is
 scheduled and submitted before step t's tokens are read, so the host's work
 (reading tokens, detokenizing, scheduling, building the batch) overlaps the
 device's. Each request of step t then has a pending token; step t+1 feeds it
-from the runner's copy of step t's samples (ForwardBatch.fed_rows). A request
+from the runner's copy of step t's samples (ForwardBatch.fed_rows; for penalties,
+SamplingBatch.pending_rows). A request
 that step t ends (a stop token or string) had one more token computed in step
 t+1, which is dropped; requests whose pending token reaches max_tokens or the
 session length are not scheduled again.
@@ -216,12 +217,9 @@ class LLMEngine:
 
     def can_schedule_ahead(self, step: StepInFlight | None) -> bool:
         """Whether the next step may be scheduled while `step` runs (async scheduling):
-        its tokens then reach the next step's inputs on the device. Rows with
-        repetition, presence or frequency penalties need their whole history on the
-        host, so a step that samples any of them is waited for first."""
-        if not self.config.async_scheduling or step is None or step.future is None:
-            return False
-        return not any(_needs_history(r.sampling_params) for r in step.requests)
+        its tokens then reach the next step's inputs, and the token histories that
+        penalties count, on the device."""
+        return self.config.async_scheduling and step is not None and step.future is not None
 
     def begin_step(self, after: StepInFlight | None = None) -> StepInFlight:
         """Schedules and starts a step. Until `finish_step`, nothing may touch the engine
@@ -235,16 +233,18 @@ class LLMEngine:
         chunks = scheduled.scheduled
         if not chunks:
             return StepInFlight(outputs)
-        fed_rows = None
+        fed_rows = pending_rows = None
         if after is not None and after.requests:
             row_of = {id(r): i for i, r in enumerate(after.requests)}
             fed_rows = [row_of[id(c.request)] if c.last_token_pending else -1 for c in chunks]
+            pending_rows = [row for c, row in zip(chunks, fed_rows) if c.wants_logits]
         batch = ForwardBatch.build(
             [c.token_ids for c in chunks], [c.context_len for c in chunks],
             [list(c.request.block_ids) for c in chunks], self.runner.block_size,
             [c.wants_logits for c in chunks], fed_rows)
         requests = [c.request for c in chunks if c.wants_logits]
-        sampling = SamplingBatch.build(requests, self.runner.vocab_size) if requests else None
+        sampling = SamplingBatch.build(requests, self.runner.vocab_size,
+                                       pending_rows=pending_rows) if requests else None
         future = self.runner.submit_step(batch, sampling)
         for chunk in chunks:  # their K/V are on the way: the next step may build on them
             chunk.request.num_computed_tokens += chunk.num_new_tokens
@@ -313,11 +313,6 @@ class LLMEngine:
         parent = self._parent_of.pop(child_id, None)
         if parent is not None and all(cid not in self._states for cid in self._children.get(parent, ())):
             self._children.pop(parent, None)
-
-
-def _needs_history(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) \
-        or bool(params.frequency_penalty)
 
 
 def _sample_index(request_id: str) -> int:

@@ -134,7 +134,8 @@ class ModelRunner:
         logits = self.execute(batch)
         if sampling is None:
             return None
-        sampled = sample(logits, sampling.to(self.device, non_blocking=True))
+        sampling = sampling.to(self.device, non_blocking=True).fill_pending(self._last_sampled)
+        sampled = sample(logits, sampling)
         self._last_sampled = sampled.token_ids
         return sampled
 

@@ -15,6 +15,7 @@ the logits before penalties and temperature), as vLLM reports by default.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -42,11 +43,17 @@ class SamplingBatch(TensorDataclass):
     seen_token_ids: torch.Tensor | None = None  # [S, L] prompt + output ids, padded with vocab size
     output_token_ids: torch.Tensor | None = None  # [S, L] output ids, padded with vocab size
     max_num_logprobs: int | None = None  # the widest top-n any row wants; None = no logprobs
+    # [S] int64, with penalties under async scheduling: the row of the previous step's samples
+    # that holds this row's pending token (the last column of the id tables waits for it), or -1
+    pending_rows: torch.Tensor | None = None
 
     @classmethod
     def build(cls, requests: Sequence[Request], vocab_size: int,
-              device: torch.device | str = "cpu") -> "SamplingBatch":
-        """The rows' options as tensors on `device` (the CPU to ship them elsewhere)."""
+              device: torch.device | str = "cpu",
+              pending_rows: Sequence[int] | None = None) -> "SamplingBatch":
+        """The rows' options as tensors on `device` (the CPU to ship them elsewhere).
+        pending_rows[i]: where request i's pending token is among the previous step's
+        samples (-1: it has none); penalties count it once `fill_pending` put it in."""
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
         sampled = [p for p in params if not p.greedy]
@@ -54,8 +61,10 @@ class SamplingBatch(TensorDataclass):
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
+        pending = pending_rows is not None and max(pending_rows, default=-1) >= 0
+
         def pad(rows):
-            width = max(1, max(len(row) for row in rows))
+            width = max(1, max(len(row) for row in rows)) + pending  # + a slot for the pending
             padded = [row + [vocab_size] * (width - len(row)) for row in rows]
             return column(padded, torch.int64)
 
@@ -80,7 +89,25 @@ class SamplingBatch(TensorDataclass):
             seen_token_ids=pad([r.token_ids for r in requests]) if rep else None,
             output_token_ids=pad([r.output_token_ids for r in requests]) if pres_freq else None,
             max_num_logprobs=max(logprobs) if logprobs else None,
+            pending_rows=column(list(pending_rows), torch.int64) if pending and (rep or pres_freq)
+            else None,
         )
+
+    def fill_pending(self, last_sampled: torch.Tensor | None) -> "SamplingBatch":
+        """The batch with each row's pending token (from the previous step's samples, on
+        the device) in the last column of the id tables the penalties count."""
+        if self.pending_rows is None:
+            return self
+        rows = self.pending_rows
+        fill = {}
+        for name in ("seen_token_ids", "output_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None:  # the last column holds padding where a row has no pending
+                fed = last_sampled.index_select(0, rows.clamp(min=0))
+                ids = ids.clone()
+                ids[:, -1] = torch.where(rows >= 0, fed, ids[:, -1])
+                fill[name] = ids
+        return dataclasses.replace(self, pending_rows=None, **fill)
 
 
 

@@ -52,6 +52,7 @@ class FakeRunner:
         self.num_steps = 0
         self.num_fed = 0  # tokens taken from the last step's samples
         self.last_sampled = None
+        self.next_token = next_token  # the model: context -> greedy token
 
     def execute(self, batch):
         if self.fail:
@@ -71,16 +72,18 @@ class FakeRunner:
             if qsl[b + 1] - 1 in wanted:
                 table, n = batch.block_tables[b].tolist(), int(batch.seq_lens[b])
                 context = self.cache[[table[p // BS] * BS + p % BS for p in range(n)]].tolist()
-                rows.append(next_token(context))
+                rows.append(self.next_token(context))
         logits = torch.full((len(rows), V), -5.0)
-        logits[torch.arange(len(rows)), torch.tensor(rows, dtype=torch.int64)] = 5.0
+        chosen = torch.tensor(rows, dtype=torch.int64)
+        logits[torch.arange(len(rows)), (chosen + 1) % V] = 4.0  # a runner-up for penalties
+        logits[torch.arange(len(rows)), chosen] = 5.0
         return logits
 
     def step(self, batch, sampling):
         logits = self.execute(batch)
         if sampling is None:
             return None
-        sampled = sample(logits, sampling)
+        sampled = sample(logits, sampling.fill_pending(self.last_sampled))
         self.last_sampled = sampled.token_ids
         return sampled
 
@@ -389,17 +392,23 @@ def test_session_turn_that_stops_early_continues_exactly(scheduling):
     assert_idle(engine)
 
 
-def test_penalties_wait_for_the_tokens_they_count(scheduling):
-    """Repetition and presence penalties need every earlier token on the host: a step
-    that samples such a row is finished before the next is scheduled."""
-    params = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=3.0)
+def test_penalties_count_pending_tokens(scheduling):
+    """Penalties count every earlier token; with async scheduling the one still pending
+    is filled in on the runner. The model here repeats the last token, with the next id
+    as runner-up: a penalty on the last token (pending, with async) moves on to it."""
+    params = [SamplingParams(temperature=0, max_tokens=8, repetition_penalty=3.0),
+              SamplingParams(temperature=0, max_tokens=8, presence_penalty=1.5),
+              SamplingParams(temperature=0, max_tokens=8, frequency_penalty=0.5),
+              greedy(8)]
     engine = make_engine()
-    engine.add_request("p", [1, 2, 3], params)
-    got = run(engine)["p"][-1].token_ids
-    sync = make_engine(async_scheduling=False)
-    sync.add_request("p", [1, 2, 3], params)
-    assert got == run(sync)["p"][-1].token_ids
-    assert engine.runner.num_fed == 0
+    engine.runner.next_token = lambda context: context[-1]
+    for i, p in enumerate(params):
+        engine.add_request(f"p{i}", [10, 20 * i], p)
+    got = {rid: outs[-1].token_ids for rid, outs in run(engine).items()}
+    assert got == {"p0": list(range(1, 9)), "p1": [20, 21, 22, 23, 24, 25, 26, 27],
+                   "p2": [40, 40, 40, 41, 41, 41, 42, 42],  # 5 - 0.5 n >= 4 while n <= 2
+                   "p3": [60] * 8}
+    assert (engine.runner.num_fed > 0) == scheduling
 
 
 # -- the async engine --------------------------------------------------------------

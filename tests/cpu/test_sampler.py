@@ -83,6 +83,28 @@ def test_penalties_match_hand_computed_logits():
     assert torch.allclose(got, want)
 
 
+def test_pending_tokens_count_once_filled_in():
+    """Async scheduling: a row's last output token is still being sampled when the batch
+    is built; fill_pending puts it (from the previous step's samples) where the penalties
+    count it, and the result equals a batch built with the token known."""
+    logits = torch.tensor([[1.0, -2.0, 3.0, 0.5, -1.0, 2.0]] * 3)
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    known = [req(params, prompt=[0, 1], output=[2, 2, 3]), req(params, output=[5]),
+             req(SamplingParams(), output=[4])]
+    waiting = [req(params, prompt=[0, 1], output=[2, 2]), req(params, output=[5]),
+               req(SamplingParams(), output=[4])]
+    previous_samples = torch.tensor([4, 3, 1])  # row 1 of the last step was request 0's
+    batch = SamplingBatch.build(waiting, 6, pending_rows=[1, -1, -1])
+    assert not torch.equal(apply_penalties(logits, batch), apply_penalties(
+        logits, SamplingBatch.build(known, 6)))
+    filled = batch.fill_pending(previous_samples)
+    assert filled.pending_rows is None
+    assert torch.equal(apply_penalties(logits, filled),
+                       apply_penalties(logits, SamplingBatch.build(known, 6)))
+    plain = SamplingBatch.build([req(SamplingParams())], 6, pending_rows=[0])
+    assert plain.pending_rows is None and plain.fill_pending(None) is plain  # nothing to count
+
+
 def test_penalties_leave_other_rows_alone():
     logits = torch.randn(2, 6)
     rows = [req(SamplingParams(repetition_penalty=1.5), output=[3]), req(SamplingParams(), output=[3])]

@@ -65,7 +65,8 @@ def test_cuda_graphs_equal_eager(real_width):
 
 def test_async_scheduling_equals_one_step_at_a_time(real_width):
     """Pending tokens fed on the device (CUDA graphs, pinned copies behind an event) give
-    the tokens of one step at a time, also where rows end early on a stop token."""
+    the tokens of one step at a time, also where rows end early on a stop token and
+    where penalties count the pending token."""
     from tpserve.engine.sampling_params import SamplingParams
 
     ws, _ = real_width
@@ -77,7 +78,10 @@ def test_async_scheduling_equals_one_step_at_a_time(real_width):
             plain = greedy(llm, prompts, 32)
             stop = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True,
                                   stop_token_ids=[runs[False][0][0][5]] if runs else [plain[0][5]])
-            runs[mode] = (plain, [o.token_ids for o in llm.generate(prompts, stop)])
+            penalized = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True,
+                                       repetition_penalty=1.3, frequency_penalty=0.2)
+            runs[mode] = (plain, [o.token_ids for o in llm.generate(prompts, stop)],
+                          [o.token_ids for o in llm.generate(prompts, penalized)])
         finally:
             llm.shutdown()
     assert runs[True] == runs[False]
