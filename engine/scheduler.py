@@ -205,6 +205,8 @@ class Scheduler:
                              preempted: list[Request], finished: list[Request]) -> bool:
         while not self.pool.allocate_slots(request, n):
             if len(self.running) == 1:
+                if self._reclaim_waiting_blocks():
+                    continue
                 self.finish(request, "length", error=self._cache_full_message(request))
                 finished.append(request)
                 return False
@@ -229,7 +231,9 @@ class Scheduler:
             if not self.pool.allocate_slots(request, n):
                 if fresh:
                     self.pool.free(request)
-                if not self.running:  # nothing will ever free blocks: idle sessions hold them
+                if not self.running:  # nothing running will free blocks
+                    if self._reclaim_waiting_blocks(keep=request):
+                        continue
                     self.finish(request, "length", error=self._cache_full_message(request))
                     finished.append(request)
                     continue
@@ -244,6 +248,18 @@ class Scheduler:
             scheduled.append(ScheduledChunk.of(request, n))
             budget -= n
         return budget
+
+    def _reclaim_waiting_blocks(self, keep: Request | None = None) -> bool:
+        """Frees the blocks that waiting requests hold (a session's next turn holds the
+        session's cache while it waits), so that a request that cannot otherwise fit
+        can run; they are recomputed, mostly from the prefix cache, when admitted.
+        Whether anything was freed."""
+        freed = False
+        for waiting in self.waiting:
+            if waiting is not keep and waiting.block_ids:
+                self.pool.free(waiting)
+                freed = True
+        return freed
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

@@ -236,3 +236,26 @@ def test_thousand_random_requests_with_aborts_leave_no_blocks():
     assert not s.requests
     assert_no_blocks_held(s)
     assert s.pool.prefix_hit_tokens > 0
+
+
+def test_waiting_session_turns_do_not_starve_a_request_that_needs_their_blocks():
+    """A session's next turn holds the session's blocks while it waits. When a request
+    ahead of it cannot fit and nothing runs, the waiting turn gives its blocks up (to be
+    recomputed from the prefix cache) instead of the request ahead failing as too long."""
+    s = make_scheduler(num_blocks=8, session_len=64)
+    first = make("t1", 18, max_tokens=2, scheduler=s, session_id=1, keep=True)
+    s.add_request(first)
+    run_all(s)
+    assert len(s.sessions[1].block_ids) == 5  # 20 tokens, 19 computed
+    big = make("big", 20, max_tokens=2, base=100)  # 6 blocks with its first token: 3 free
+    s.add_request(big)
+    turn = make("t2", 2, max_tokens=2, scheduler=s, session_id=1)  # holds the 5 blocks
+    s.add_request(turn)
+    assert turn.block_ids and s.pool.num_free_blocks == 3
+    out = step(s)
+    assert [c.request.request_id for c in out.scheduled] == ["big"] and not out.finished
+    assert not turn.block_ids and turn.num_computed_tokens == 0
+    run_all(s)
+    assert big.finish_reason == turn.finish_reason == "length" and big.error is None
+    assert turn.error is None and turn.num_cached_tokens > 0  # its old blocks were hit again
+    assert_no_blocks_held(s)
