@@ -556,3 +556,60 @@ def test_async_sessions_and_n():
         assert_idle(engine.engine)
 
     asyncio.run(main())
+
+
+def test_async_engine_under_random_load_with_aborts_and_sessions(scheduling):
+    """Many concurrent streams through the engine thread: some stop on a stop token, some
+    are aborted or cancelled mid-stream, some continue sessions, some ask for n=2, in a
+    cache small enough to preempt. Every stream that ends by itself gets the reference
+    tokens, every aborted one a prefix of them, and no KV block stays in use."""
+    stop_ids = (11, 23)
+
+    async def main():
+        inner = make_engine(num_blocks=40, max_batch_size=6, max_prefill_tokens=16,
+                            session_len=200, delay=0.0005)
+        engine = AsyncLLMEngine(inner)
+        rng = random.Random(5)
+
+        async def one(i):
+            await asyncio.sleep(rng.random() * 0.05)
+            prompt = [rng.randrange(1, V) for _ in range(rng.randrange(1, 20))]
+            max_tokens = rng.randrange(1, 25)
+            params = greedy(max_tokens, stop_token_ids=list(stop_ids))
+            want = reference(prompt, max_tokens, stop_ids)
+            kind = rng.choice(["plain", "abort", "cancel", "session", "n"])
+            if kind == "n":
+                outs = await collect(engine, f"q{i}", prompt, greedy(max_tokens, n=2,
+                                                                     stop_token_ids=list(stop_ids)))
+                finals = [o for o in outs if o.finished]
+                assert len(finals) == 2 and all(o.token_ids == want for o in finals)
+            elif kind == "session":
+                outs = await collect(engine, f"q{i}", prompt, params, session_id=i,
+                                     keep_session=True)
+                assert outs[-1].token_ids == want
+                more = [rng.randrange(1, V) for _ in range(3)]
+                outs = await collect(engine, f"q{i}b", more, greedy(5), session_id=i)
+                assert outs[-1].token_ids == reference(prompt + want + more, 5)
+            elif kind == "plain":
+                outs = await collect(engine, f"q{i}", prompt, params)
+                assert outs[-1].token_ids == want and outs[-1].finish_reason in ("stop", "length")
+            else:
+                got = []
+                stream = engine.generate(prompt, greedy(10_000), f"q{i}")
+                async for out in stream:
+                    got.extend(out.delta_token_ids)
+                    if len(got) >= 3:
+                        break
+                if kind == "abort":
+                    await engine.abort(f"q{i}")
+                await stream.aclose()  # a consumer that leaves aborts its request
+                assert got == reference(prompt, len(got))
+
+        await asyncio.gather(*(one(i) for i in range(40)))
+        stats = await engine.stats()
+        assert stats["running"] == 0 and stats["waiting"] == 0
+        engine.shutdown()
+        assert_idle(inner)
+        assert (inner.runner.num_fed > 0) == scheduling
+
+    asyncio.run(main())
