@@ -11,7 +11,10 @@ cache) later.
 
 Interactive sessions: a finished request whose `keep_session` is set leaves
 its tokens and blocks to its session; the session's next request continues
-from them and only computes its new tokens.
+from them and only computes its new tokens. When a request cannot get blocks,
+idle sessions give theirs up first, least recently used first (their next
+turn recomputes the history, mostly from the prefix cache), then waiting
+session turns, before a running request is preempted or anything fails.
 """
 from __future__ import annotations
 
@@ -90,6 +93,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.sessions: dict[int | str, Session] = {}
         self.num_preemptions = 0
+        self.num_session_evictions = 0  # idle sessions whose blocks were taken back
 
     # -- requests and sessions ------------------------------------------------
 
@@ -168,7 +172,9 @@ class Scheduler:
             self.sessions.pop(request.session_id, None)
             self.pool.free(request)
             return
-        # a pending token that never arrived (stopped mid-flight) is not the session's
+        # a pending token that never arrived (stopped mid-flight) is not the session's;
+        # re-inserted so that the dict runs from least to most recently used
+        self.sessions.pop(request.session_id, None)
         self.sessions[request.session_id] = Session(
             token_ids=request.token_ids,
             num_computed_tokens=min(request.num_computed_tokens, request.num_tokens),
@@ -204,6 +210,8 @@ class Scheduler:
     def _allocate_or_preempt(self, request: Request, n: int,
                              preempted: list[Request], finished: list[Request]) -> bool:
         while not self.pool.allocate_slots(request, n):
+            if self._evict_idle_session():
+                continue
             if len(self.running) == 1:
                 if self._reclaim_waiting_blocks():
                     continue
@@ -231,6 +239,8 @@ class Scheduler:
             if not self.pool.allocate_slots(request, n):
                 if fresh:
                     self.pool.free(request)
+                if self._evict_idle_session():
+                    continue
                 if not self.running:  # nothing running will free blocks
                     if self._reclaim_waiting_blocks(keep=request):
                         continue
@@ -248,6 +258,17 @@ class Scheduler:
             scheduled.append(ScheduledChunk.of(request, n))
             budget -= n
         return budget
+
+    def _evict_idle_session(self) -> bool:
+        """Frees the blocks of the least recently used session with no request in
+        progress (it keeps its tokens: its next turn recomputes them). Whether one was."""
+        for session in self.sessions.values():
+            if session.active_request_id is None and session.block_ids:
+                self.pool.free_blocks(session.block_ids)
+                session.block_ids, session.num_computed_tokens = [], 0
+                self.num_session_evictions += 1
+                return True
+        return False
 
     def _reclaim_waiting_blocks(self, keep: Request | None = None) -> bool:
         """Frees the blocks that waiting requests hold (a session's next turn holds the
@@ -269,8 +290,6 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _cache_full_message(self, request: Request) -> str:
-        held = sum(len(s.block_ids) for s in self.sessions.values())
         return (f"request {request.request_id!r} needs {self.pool.blocks_needed(request.num_tokens)} "
                 f"KV blocks of {self.pool.block_size} tokens but the cache has {self.pool.num_blocks}"
-                + (f" ({held} held by idle sessions; end them to free space)" if held else "")
-                + "; raise --cache-max-entry-count or shorten the request")
+                "; raise --cache-max-entry-count or shorten the request")

@@ -290,6 +290,26 @@ def test_session_continues_across_turns():
     assert_idle(engine)
 
 
+def test_evicted_session_recomputes_its_history():
+    """Idle sessions give their blocks to new requests when the cache is full; the next
+    turn of an evicted session recomputes its history and continues exactly."""
+    engine = make_engine(num_blocks=10, session_len=40)
+    turns = {1: [3, 1, 4, 1, 5, 9, 2], 2: [2, 7, 1, 8, 2, 8, 1]}
+    outs = {}
+    for sid, prompt in turns.items():
+        engine.add_request(f"a{sid}", prompt, greedy(6), session_id=sid, keep_session=True)
+        outs[sid] = run(engine)[f"a{sid}"][-1].token_ids  # 13 tokens: 4 blocks held
+    big = [50 + i for i in range(20)]
+    engine.add_request("big", big, greedy(4))
+    assert run(engine)["big"][-1].token_ids == reference(big, 4)
+    assert engine.scheduler.num_session_evictions >= 1
+    assert engine.scheduler.sessions[1].block_ids == []  # the least recently used went first
+    for sid, prompt in turns.items():
+        engine.add_request(f"b{sid}", [6, 6], greedy(5), session_id=sid)
+        assert run(engine)[f"b{sid}"][-1].token_ids == reference(prompt + outs[sid] + [6, 6], 5)
+    assert_idle(engine)
+
+
 def test_abort_and_zero_max_tokens():
     engine = make_engine()
     engine.add_request("a", [1, 2, 3], greedy(50))

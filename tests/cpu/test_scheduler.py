@@ -259,3 +259,31 @@ def test_waiting_session_turns_do_not_starve_a_request_that_needs_their_blocks()
     assert big.finish_reason == turn.finish_reason == "length" and big.error is None
     assert turn.error is None and turn.num_cached_tokens > 0  # its old blocks were hit again
     assert_no_blocks_held(s)
+
+
+def test_idle_sessions_give_their_blocks_to_new_requests_least_recently_used_first():
+    s = make_scheduler(num_blocks=12, session_len=64)
+    for sid in (1, 2, 3):  # 11 tokens each -> 3 blocks held by each idle session
+        s.add_request(make(f"s{sid}", 9, max_tokens=2, scheduler=s, session_id=sid, keep=True,
+                           base=50 * sid))
+        run_all(s)
+    s.add_request(make("again", 1, max_tokens=2, scheduler=s, session_id=1, keep=True))
+    run_all(s)  # session 1 is now the most recently used (and holds 4 blocks)
+    assert [len(s.sessions[i].block_ids) for i in (1, 2, 3)] == [4, 3, 3] and \
+        s.pool.num_free_blocks == 2
+    big = make("big", 15, max_tokens=2, base=1000)  # 4 blocks: 2 free, so one session goes
+    s.add_request(big)
+    step(s)
+    assert big.status.value == "running" and s.num_session_evictions == 1
+    assert [len(s.sessions[i].block_ids) for i in (1, 2, 3)] == [4, 0, 3]  # session 2 went
+    run_all(s)
+    assert big.error is None and s.num_session_evictions == 1
+    assert s.sessions[2].num_computed_tokens == 0 and len(s.sessions[2].token_ids) == 11
+    turn = make("t", 2, max_tokens=2, scheduler=s, session_id=2)
+    assert turn.num_context_tokens == 11 and not turn.block_ids
+    s.add_request(turn)
+    run_all(s)  # the evicted history is recomputed
+    assert turn.error is None and turn.num_output_tokens == 2
+    for sid in (1, 3):
+        s.end_session(sid)
+    assert_no_blocks_held(s)
