@@ -1,8 +1,9 @@
 """Prometheus metrics of the REST server, under vLLM's names with a `tpserve:` prefix.
 
 Counters and latency histograms are observed by the serving layer as tokens
-stream out; the gauges (running, waiting, KV usage, prefix hit rate) are read
-from the engine's `stats()` at scrape time. Each server owns its registry, so
+stream out; the gauges (running, waiting, KV usage, prefix hit rate) and the
+preemption and session-eviction counters are read from the engine's `stats()`
+at scrape time. Each server owns its registry, so
 several apps in one process (tests) never collide.
 """
 from __future__ import annotations
@@ -29,6 +30,13 @@ _GAUGES = {
     "prefix_cache_hit_rate": ("prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache."),
 }
 
+# engine stats key (a running total) -> counter name (without prefix and `_total`)
+_TOTALS = {
+    "num_preemptions": ("num_preemptions", "Requests preempted: KV blocks freed, recomputed later."),
+    "num_session_evictions": ("num_session_evictions",
+                              "Idle sessions whose KV blocks were given to other requests."),
+}
+
 
 class ServerMetrics:
     """The metric set of one served model."""
@@ -53,6 +61,10 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _E2E_BUCKETS)
         self.gauges = {key: Gauge(PREFIX + name, doc, labels, registry=self.registry)
                        for key, (name, doc) in _GAUGES.items()}
+        self.totals = {key: counter(name, doc) for key, (name, doc) in _TOTALS.items()}
+        for total in self.totals.values():
+            total.labels(model_name)  # shown from the first scrape, at 0
+        self._totals_seen = dict.fromkeys(_TOTALS, 0)
 
     def observe_prompt(self, num_tokens: int) -> None:
         self.prompt_tokens.labels(self.model_name).inc(num_tokens)
@@ -79,4 +91,9 @@ class ServerMetrics:
                 value = stats.get("prefix_hit_rate")
             if isinstance(value, (int, float)):
                 gauge.labels(self.model_name).set(float(value))
+        for key, total in self.totals.items():  # the engine's totals, as counter increments
+            value = stats.get(key)
+            if isinstance(value, int) and value > self._totals_seen[key]:
+                total.labels(self.model_name).inc(value - self._totals_seen[key])
+                self._totals_seen[key] = value
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -88,6 +88,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
+    num_session_evictions: int  # idle sessions whose KV blocks went to other requests
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -194,7 +195,8 @@ class LLMEngine:
             prefix_cache_hit_rate=self.pool.prefix_hit_rate,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions,
+            num_session_evictions=self.scheduler.num_session_evictions)
 
     # -- the step --------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class FakeAsyncEngine:
         self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
         self.dead = False
         self.shut_down = False
+        self.num_preemptions = 0  # a total the engine reports; /metrics turns it into a counter
 
     def _reply(self, prompt: list[int], params: SamplingParams) -> str:
         offset = sum(prompt)
@@ -136,7 +137,8 @@ class FakeAsyncEngine:
 
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": 0,
-                "kv_cache_usage": len(self.running) / 64, "prefix_cache_hit_rate": 0.0}
+                "kv_cache_usage": len(self.running) / 64, "prefix_cache_hit_rate": 0.0,
+                "num_preemptions": self.num_preemptions, "num_session_evictions": 0}
 
     def check_health(self) -> None:
         if self.dead:

@@ -177,7 +177,7 @@ def test_health_reports_dead_engine(client, serving):
     assert_openai_error(client.get("/health"), 503)
 
 
-def test_metrics_names(client):
+def test_metrics_names(client, serving):
     client.post("/v1/chat/completions", json=CHAT)
     text = client.get("/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
@@ -185,6 +185,12 @@ def test_metrics_names(client):
                  "inter_token_latency_seconds", "e2e_request_latency_seconds"):
         assert f"tpserve:{name}" in text, name
     assert f'tpserve:generation_tokens_total{{model_name="{MODEL_ID}"}} 12.0' in text
+    preemptions = f'tpserve:num_preemptions_total{{model_name="{MODEL_ID}"}}'
+    assert f"{preemptions} 0.0" in text and "tpserve:num_session_evictions_total" in text
+    serving.engine.num_preemptions = 3  # the engine's running total: the counter follows it
+    client.get("/metrics")
+    serving.engine.num_preemptions = 5
+    assert f"{preemptions} 5.0" in client.get("/metrics").text
 
 
 def test_encode(client):
