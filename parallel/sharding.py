@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linear import LinearMethod
+from .linear import LinearMethod, Params
 
 
 @dataclass(frozen=True)
