@@ -6,11 +6,13 @@ Times, on a random Llama: the executor's step as the engine sees it (one call
 to rank 0 over the step socket; rank 0 broadcasts the batch, runs and samples),
 inside rank 0 the batch broadcast, the forward + sampling and the copy back,
 and the round trip of a call that carries a step's arguments but runs nothing;
-then the same model at tp=1 in this process.
+the step time when each step is submitted before the last one's tokens are read
+(async scheduling); then the same model at tp=1 in this process.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import tempfile
@@ -49,6 +51,23 @@ def workspace(cfg, path: Path, tp: int) -> Path:
     return path
 
 
+def pipelined(runner, batch, fed, sampling, steps: int) -> float:
+    """ms a step when each step is submitted before the last one's tokens are read (async
+    scheduling), its input ids fed from those tokens on the device."""
+    def run(n):
+        pending = runner.submit_step(batch, sampling)
+        for _ in range(n):
+            ahead = runner.submit_step(fed, sampling)
+            pending.result()
+            pending = ahead
+        pending.result()
+
+    run(3)
+    start = time.perf_counter()
+    run(steps)
+    return (time.perf_counter() - start) / (steps + 1) * 1e3
+
+
 def timed(fn, steps: int) -> float:
     for _ in range(3):
         fn()
@@ -85,12 +104,14 @@ def main() -> None:
     config = EngineConfig(cache_max_entry_count=256, cache_block_seq_len=64, device=args.device,
                           eager_mode=args.eager_mode, max_batch_size=max(8, args.batch))
     batch = decode_batch(args.batch, args.context, 64)
+    fed = dataclasses.replace(batch, fed_rows=torch.arange(args.batch))  # every id: last step's
     sampling = greedy_rows(args.batch)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     ws = workspace(cfg, tmp / f"{name}-tp{args.tp}", args.tp)
     ex = RayExecutor(args.tp, functools.partial(ModelRunner, ws, read_meta(ws), config),
                      device=args.device)
     total = timed(lambda: ex.submit_step(batch, sampling).result(), args.steps)
+    ahead = pipelined(ex, batch, fed, sampling, args.steps)
     parts = ex._call("time_steps", batch, sampling, args.steps)  # timed inside rank 0
     # the engine <-> rank 0 link alone: a call with a step's arguments that does no step
     round_trip = timed(lambda: ex._call("time_steps", batch, sampling, 0), args.steps)
@@ -104,12 +125,14 @@ def main() -> None:
         runner.step(batch, sampling).token_ids.tolist()
 
     tp1 = timed(local, args.steps)
+    tp1_ahead = pipelined(runner, batch, fed, sampling, args.steps)
     print(f"{card}: {args.shape} x{args.layers} layers, batch {args.batch}, "
           f"{'CUDA graphs' if torch.cuda.is_available() and not args.eager_mode else 'eager'}")
-    print(f"tp=1 in process: {tp1:.3f} ms/step")
+    print(f"tp=1 in process: {tp1:.3f} ms/step; submitted one ahead {tp1_ahead:.3f}")
     print(f"tp={args.tp} executor:  {total:.3f} ms/step; inside rank 0: "
           + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
           + f"; an empty call's round trip {round_trip:.3f}")
+    print(f"tp={args.tp} executor, submitted one ahead (async scheduling): {ahead:.3f} ms/step")
 
 
 if __name__ == "__main__":
