@@ -137,6 +137,50 @@ def test_placement_error_names_resources(ray_cluster):
         RayExecutor(16, lambda rank, group: None, device="cpu", placement_timeout_s=1)
 
 
+def test_tp2_streams_with_stops_and_aborts_under_async_scheduling(llama_llm, tiny_hf):
+    """Concurrent streams through the async engine over tp=2: rank 0 gets each step before
+    the last one's answer is read. Full streams equal transformers' greedy tokens, a stop
+    token ends its stream there, an abandoned stream frees its blocks."""
+    import asyncio
+
+    from tpserve.engine.sampling_params import SamplingParams
+
+    ref = hf_greedy(tiny_hf("llama")[1])[1]
+    stop = ref[0][4]
+
+    async def tokens(engine, prompt, params, rid, keep=None):
+        got = []
+        stream = engine.generate(prompt, params, rid)
+        async for out in stream:
+            got = list(out.token_ids)
+            if keep is not None and len(got) >= keep:
+                break
+        await stream.aclose()
+        return got
+
+    async def main():
+        engine = llama_llm.async_engine()
+        full = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
+        stopping = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True,
+                                  stop_token_ids=[stop])
+        results = await asyncio.gather(
+            *(tokens(engine, p, full, f"full{i}") for i, p in enumerate(PROMPTS)),
+            tokens(engine, PROMPTS[0], stopping, "stop"),
+            tokens(engine, PROMPTS[1], full, "left", keep=3))
+        assert results[:3] == ref
+        assert results[3] == ref[0][:ref[0].index(stop) + 1]
+        assert results[4] == ref[1][:len(results[4])] and len(results[4]) >= 3
+        for _ in range(100):  # the abandoned stream's abort reaches the engine thread
+            stats = await engine.stats()
+            if stats["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert stats["running"] == 0 and stats["kv_cache_usage"] == 0.0
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
 def test_killed_rank_fails_the_next_step_fast(llama_llm):
     ex = llama_llm.executor
     ex.check_health()
