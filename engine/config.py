@@ -128,6 +128,10 @@ class EngineConfig:
         if self.quant_policy not in (0, 4, 8):
             raise ConfigError(f"--quant-policy must be 0 (no KV quantization) or 8 (int8 KV; "
                               f"LMDeploy's 4 is accepted as 8), got {self.quant_policy}")
+        for name in ("enable_prefix_caching", "eager_mode", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"--{name.replace('_', '-')} must be true or false, "
+                                  f"got {getattr(self, name)!r}")
         if self.dtype not in ("auto",) + DTYPES:
             raise ConfigError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
 

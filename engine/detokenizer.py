@@ -103,6 +103,6 @@ def stop_reason(token_id: int, num_output_tokens: int, num_tokens: int, params: 
     """Why generation ends after sampling token_id ('stop' or 'length'), or None to go on."""
     if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in eos_token_ids):
         return "stop"
-    if num_output_tokens >= params.max_tokens or num_tokens >= session_len:
+    if params.length_reached(num_output_tokens, num_tokens, session_len):
         return "length"
     return None

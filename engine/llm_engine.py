@@ -258,11 +258,11 @@ class LLMEngine:
         """Waits for the step's tokens; one RequestOutput per request that advanced or ended.
         The token of a request that ended meanwhile (it stopped on the token before, or was
         aborted) is dropped."""
-        if step.future is None or not step.requests:
-            if step.future is not None:
-                step.future.result()
+        if step.future is None:
             return step.outputs
-        sampled = step.future.result()
+        sampled = step.future.result()  # also when nothing was sampled: steps end in order
+        if not step.requests:
+            return step.outputs
         token_ids = sampled.token_ids.tolist()
         logprobs = _logprob_rows(sampled, token_ids)
         outputs = step.outputs

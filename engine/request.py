@@ -81,12 +81,9 @@ class Request:
     def length_reached(self, session_len: int) -> bool:
         """Whether the tokens pending already reach max_tokens or session_len, so that the
         request ends once they arrive and needs no further step."""
-        n = self.num_pending
-        if not n:
-            return False
-        total = len(self.token_ids) + n
-        return total - self.num_prompt_tokens >= self.sampling_params.max_tokens \
-            or total >= session_len
+        total = len(self.token_ids) + self.num_pending
+        return self.num_pending > 0 and self.sampling_params.length_reached(
+            total - self.num_prompt_tokens, total, session_len)
 
     @property
     def is_finished(self) -> bool:

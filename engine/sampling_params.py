@@ -61,6 +61,10 @@ class SamplingParams:
             if not ok:
                 raise RequestError(message)
 
+    def length_reached(self, num_output_tokens: int, num_tokens: int, session_len: int) -> bool:
+        """Whether a request with these many output (and all) tokens must stop."""
+        return num_output_tokens >= self.max_tokens or num_tokens >= session_len
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

@@ -194,7 +194,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if request.num_pending and request.length_reached(self.config.session_len):
+            if request.length_reached(self.config.session_len):
                 i += 1  # its pending token ends it
                 continue
             n = min(request.num_remaining_tokens, budget)

@@ -5,7 +5,8 @@ step_socket.py: a Ray call a step cost milliseconds) and hands each step's
 batch to the other ranks (batch_channel.py: shared memory on one host, gloo
 across hosts); ranks 1.. sit in `serve` (`while batch := recv():
 runner.execute(batch)`). Rank 0 also samples, so only the sampled token ids
-(and any logprobs) travel back, not [S, vocab] logits. scripts/bench_tp.py times each part of a step.
+(and any logprobs) travel back, not [S, vocab] logits. scripts/bench_tp.py
+times each part of a step.
 """
 from __future__ import annotations
 
@@ -104,15 +105,10 @@ class TPWorker:
         self.channel.send(batch)
         return self.runner.execute(batch).cpu()
 
-    def step(self, batch, sampling):
-        """Rank 0: as `execute`, then samples here; the SamplerOutput on the CPU (or None)."""
-        self.channel.send(batch)
-        sampled = self.runner.step(batch, sampling)
-        return None if sampled is None else sampled.to("cpu")
-
     def launch_step(self, batch, sampling):
-        """Rank 0, serving: `step` returning once it is queued on the device (the answer
-        goes back when its sampled tokens reach the host; see StepServer)."""
+        """Rank 0: hands the batch to the other ranks, runs it with them and samples here;
+        returns once it is queued on the device, its `.result()` the SamplerOutput on the
+        CPU (or None). Serving answers it when done (StepServer)."""
         self.channel.send(batch)
         return self.runner.submit_step(batch, sampling)
 
@@ -143,7 +139,7 @@ class TPWorker:
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             for _ in range(steps):
-                self.step(batch, sampling)
+                self.launch_step(batch, sampling).result()
             wall_ms = (time.perf_counter() - start) * 1e3 / steps
         events = prof.key_averages()
         attr = "self_device_time_total" if self.use_gpu else "self_cpu_time_total"

@@ -73,3 +73,7 @@ def test_serve_config_from_string_args():
         ServeConfig.from_args({"model": "ws", "tp": "two"})
     with pytest.raises(ConfigError, match="device"):
         ServeConfig.from_args({"model": "ws", "device": "tpu"})
+    from tpserve.engine.config import EngineConfig  # a word that is no bool: no silent truth
+    options = ServeConfig.from_args({"model": "ws", "async_scheduling": "yes"}).engine_options
+    with pytest.raises(ConfigError, match="--async-scheduling must be true or false, got 'yes'"):
+        EngineConfig.from_options(options)
