@@ -22,7 +22,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .paged_kv import load_kv_tile, online_softmax_step
+    from .paged_kv import load_kv_scales, load_kv_tile, online_softmax_step
 
     @triton.jit
     def _decode_split_kernel(
@@ -31,7 +31,7 @@ if HAS_TRITON:
             s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, head_dim,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr,
             BLOCK_N: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
-            HAS_WINDOW: tl.constexpr):
+            HAS_WINDOW: tl.constexpr, DEQUANT: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -56,16 +56,25 @@ if HAS_TRITON:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
         table = table_ptr + b * s_tab
+        # DEQUANT=2 folds each key's (scale, zero point) into its scores:
+        # q . (c * scale + zp) = scale * (q . c) + zp * sum(q), exact codes c in the dot
+        q_sum = tl.sum(q.to(tl.float32), axis=1)
         for n0 in range(begin, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             valid = (offs < end) & (offs >= kv_start)
             k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype, DEQUANT)
+            s = tl.dot(q, tl.trans(k))
+            if QUANT and DEQUANT == 2:
+                k_scale, k_zp = load_kv_scales(ks_ptr, table, offs, valid, kvh, s_sb, s_ss,
+                                               s_sh, PAGE)
+                s = s * k_scale[None, :] + q_sum[:, None] * k_zp[None, :]
+            s = s * scale_log2
             s = tl.where(valid[None, :], s, float("-inf"))
             p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
             v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype)
+                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
+                             (DEQUANT + 1) // 2)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -106,10 +115,13 @@ def _num_splits(q, num_kv, max_seq_len, sliding_window, block_n) -> int:
 
 @dataclass(frozen=True)
 class DecodeLaunch:
-    """The split kernel's launch: keys per tile, warps, pipeline stages."""
+    """The split kernel's launch: keys per tile, warps, pipeline stages, and for an
+    int8 cache how it dequantizes (`paged_kv.load_kv_tile`'s DEQUANT: 0 in float32,
+    1 in the query's dtype, 2 keys folded into the scores and values as 1)."""
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    dequant: int = 0
 
 
 # on CUDA: the default, and the cache dtypes that measured faster with another
@@ -144,7 +156,8 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
         part_lse.stride(0), part_lse.stride(1), head_dim,
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad, BLOCK_N=block_n,
         PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
+        DEQUANT=launch.dequant if quant else 0, num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
     out = torch.empty_like(q)
     _decode_reduce_kernel[(num_tokens, num_q)](
         part_out, part_lse, out, splits, part_out.stride(0), part_out.stride(1),

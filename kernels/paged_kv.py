@@ -9,14 +9,28 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def load_kv_scales(scales_ptr, table_ptr, offs, valid, kv_head, sstride_b, sstride_s,
+                       sstride_h, PAGE: tl.constexpr):
+        """(scale, zero point) float32 [len(offs)] of an int8 cache's tokens; 0 where invalid."""
+        page = tl.load(table_ptr + offs // PAGE, mask=valid, other=0).to(tl.int64)
+        sbase = page * sstride_b + (offs % PAGE).to(tl.int64) * sstride_s + kv_head * sstride_h
+        scale = tl.load(scales_ptr + sbase, mask=valid, other=0).to(tl.float32)
+        zp = tl.load(scales_ptr + sbase + 1, mask=valid, other=0).to(tl.float32)
+        return scale, zp
+
+    @triton.jit
     def load_kv_tile(cache_ptr, scales_ptr, table_ptr, offs, valid, kv_head,
                      stride_b, stride_s, stride_h, sstride_b, sstride_s, sstride_h,
                      cols, col_mask, PAGE: tl.constexpr, QUANT: tl.constexpr,
-                     OUT_DTYPE: tl.constexpr):
+                     OUT_DTYPE: tl.constexpr, DEQUANT: tl.constexpr = 0):
         """[len(offs), D] rows of one kv head at token positions ``offs`` of a request.
 
         ``table_ptr`` points at the request's block-table row; invalid rows read as 0.
-        An int8 cache is dequantized with its per-token (scale, zero point).
+        An int8 cache is dequantized with its per-token (scale, zero point): in
+        float32 (DEQUANT=0), in OUT_DTYPE (1; padded columns then hold the zero
+        point, harmless where the matching query or output columns are masked), or
+        not at all (2: the codes, exact in OUT_DTYPE; the caller applies the
+        `load_kv_scales`).
         """
         page = tl.load(table_ptr + offs // PAGE, mask=valid, other=0).to(tl.int64)
         in_page = (offs % PAGE).to(tl.int64)
@@ -24,11 +38,16 @@ if HAS_TRITON:
         mask = valid[:, None] & col_mask[None, :]
         x = tl.load(cache_ptr + base[:, None] + cols[None, :], mask=mask, other=0)
         if QUANT:
-            sbase = page * sstride_b + in_page * sstride_s + kv_head * sstride_h
-            scale = tl.load(scales_ptr + sbase, mask=valid, other=0).to(tl.float32)
-            zp = tl.load(scales_ptr + sbase + 1, mask=valid, other=0).to(tl.float32)
-            xf = x.to(tl.float32) * scale[:, None] + zp[:, None]
-            x = tl.where(mask, xf, 0.0)
+            if DEQUANT == 0:
+                scale, zp = load_kv_scales(scales_ptr, table_ptr, offs, valid, kv_head,
+                                           sstride_b, sstride_s, sstride_h, PAGE)
+                xf = x.to(tl.float32) * scale[:, None] + zp[:, None]
+                x = tl.where(mask, xf, 0.0)
+            elif DEQUANT == 1:
+                scale, zp = load_kv_scales(scales_ptr, table_ptr, offs, valid, kv_head,
+                                           sstride_b, sstride_s, sstride_h, PAGE)
+                x = (x.to(OUT_DTYPE) * scale.to(OUT_DTYPE)[:, None]
+                     + zp.to(OUT_DTYPE)[:, None])
         return x.to(OUT_DTYPE)
 
     @triton.jit

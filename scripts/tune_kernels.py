@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Times launch configurations of two kernels whose defaults are a guess, on one GPU.
 
-    python3 scripts/tune_kernels.py [--quick]
+    python3 scripts/tune_kernels.py [--quick] [--only decode|w4a16]
 
 - int8-KV decode attention (kernels/attention_decode.py, `LAUNCH`): keys per
-  tile, warps, stages, at the Llama-3-8B head layout (32 q heads, 8 kv heads,
-  head dim 128, 64-token pages);
+  tile, warps, stages and the way it dequantizes, at the Llama-3-8B head layout
+  (32 q heads, 8 kv heads, head dim 128, 64-token pages);
 - the W4A16 tensor-core GEMM (kernels/w4a16.py, `gemm_launch`) at 8, 16 and 64
   rows on the Llama-3-8B MLP shapes.
 
@@ -47,6 +47,7 @@ def sweep(name: str, configs, run, default) -> tuple[str, float, object, float]:
             got = run(cfg)
             torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
             us = bench(lambda: run(cfg))
+            print(f"  {name} {cfg}: {us:.1f} us", flush=True)
         except Exception as exc:  # noqa: BLE001 - a config that fails to compile or disagrees
             print(f"  {name} {cfg}: skipped ({str(exc).splitlines()[0][:80]})", flush=True)
             continue
@@ -68,9 +69,10 @@ def tune_decode(quick: bool) -> list:
             return attention_decode.decode_attention(q, kc, vc, tables, seq_lens, ctx, D ** -0.5,
                                                      None, ks, vs, launch=launch)
 
-        grid = itertools.product((32, 64, 128), (4, 8) if quick else (2, 4, 8),
-                                 (2, 3) if quick else (1, 2, 3, 4))
-        configs = [attention_decode.DecodeLaunch(b, w, s) for b, w, s in grid]
+        grid = itertools.product((64, 128) if quick else (32, 64, 128),
+                                 (4,) if quick else (2, 4, 8),
+                                 (1, 2, 3) if quick else (1, 2, 3, 4), (0, 1, 2))
+        configs = [attention_decode.DecodeLaunch(*c) for c in grid]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx}", configs, run,
                           attention_decode.LAUNCH.get(torch.int8,
                                                       attention_decode.DEFAULT_LAUNCH)))
@@ -99,12 +101,14 @@ def tune_w4a16(quick: bool) -> list:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smaller grid")
+    p.add_argument("--only", choices=("decode", "w4a16"), help="tune one kernel")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_kernels.py times CUDA kernels; run it on a GPU machine")
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
-    rows = tune_decode(args.quick) + tune_w4a16(args.quick)
+    rows = ((tune_decode(args.quick) if args.only != "w4a16" else [])
+            + (tune_w4a16(args.quick) if args.only != "decode" else []))
     print("\nsummary")
     for name, base, best, best_us in rows:
         print(f"{name:32s} {base:8.1f} -> {best_us:8.1f} us ({base / best_us:4.2f}x)  {best}")
