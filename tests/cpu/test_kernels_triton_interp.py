@@ -126,7 +126,7 @@ def _w4a16(torch, kernels, ref):
             got = kernels.w4a16_gemm(x, qweight, scales, qzeros, g)
             _close(f"w4a16_gemm m={m} k={k}", got, want, 2e-3, 2e-3)
             base = gemm_launch(m, g, cuda=False)
-            for block_np in (2, 4):  # the joined tile, with edges in N, split and unsplit K
+            for block_np in (2, 4, 8):  # the joined tile: edges in N, K split (8) or not
                 joined = GemmLaunch(base.block_m, block_np, base.block_k, joined=True)
                 got = kernels.w4a16_gemm(x, qweight, scales, qzeros, g, launch=joined)
                 _close(f"w4a16_gemm joined m={m} k={k} np={block_np}", got, want, 2e-3, 2e-3)
