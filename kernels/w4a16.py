@@ -93,6 +93,50 @@ if HAS_TRITON:
         _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, mask)
 
     @triton.jit
+    def _gemm_joined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, N, iters_per_split,
+                            num_iters, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm, GROUP: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_NP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The same product with one [BLOCK_K, 8 * BLOCK_NP] weight tile a step: each packed
+        word is repeated over its 8 output columns (three interleaves) and every column
+        shifts out its own nibble, so one wide dot replaces eight narrow ones and the
+        output is stored in natural column order."""
+        BLOCK_N: tl.constexpr = BLOCK_NP * 8
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cp = tl.program_id(1) * BLOCK_NP + tl.arange(0, BLOCK_NP)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
+        mmask = offs_m < M
+        pmask = cp < N // 8
+        nmask = offs_n < N
+        j = offs_n % 8  # AutoAWQ keeps column j of a word in nibble j // 2 + 4 * (j % 2)
+        shift = 4 * (j // 2 + 4 * (j % 2))
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        it_begin = split * iters_per_split
+        it_end = tl.minimum(it_begin + iters_per_split, num_iters)
+        for it in range(it_begin, it_end):
+            k = (it * BLOCK_K + rk).to(tl.int64)
+            g = (it * BLOCK_K) // GROUP
+            x = tl.load(x_ptr + offs_m[:, None] * s_xm + k[None, :], mask=mmask[:, None],
+                        other=0.0)
+            p = tl.load(qw_ptr + k[:, None] * s_qk + cp[None, :], mask=pmask[None, :], other=0)
+            p = tl.interleave(p, p)
+            p = tl.interleave(p, p)
+            p = tl.interleave(p, p)  # [BLOCK_K, BLOCK_N]: word c at columns 8c .. 8c+7
+            zq = tl.load(z_ptr + g * s_zk + cp, mask=pmask, other=0)
+            zq = tl.interleave(zq, zq)
+            zq = tl.interleave(zq, zq)
+            zq = tl.interleave(zq, zq)
+            s = tl.load(s_ptr + g * s_sk + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            q = ((p >> shift[None, :]) & 0xF) | 0x4B000000  # the float 2^23 + q
+            z = ((zq >> shift) & 0xF) | 0x4B000000
+            w = (q.to(tl.float32, bitcast=True) - z.to(tl.float32, bitcast=True)[None, :]) \
+                * s[None, :]
+            acc = tl.dot(x, w.to(x.dtype), acc)
+        out = part_ptr + split * s_ps + offs_m[:, None] * s_pm + offs_n[None, :]
+        tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, splits, numel, s_ps, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -133,6 +177,7 @@ class GemmLaunch:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    joined: bool = False  # one [block_k, 8 * block_np] weight tile a step (_gemm_joined_kernel)
 
 
 def gemm_launch(m: int, group_size: int, cuda: bool) -> GemmLaunch:
@@ -150,8 +195,9 @@ def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None
     # split K only when the output tiles alone leave SMs idle (partials cost traffic)
     splits, per = (1, k // block_k) if 2 * tiles >= sms else _splits(k // block_k, tiles, 2 * sms)
     part = _partials(splits, out)
-    _gemm_kernel[(cdiv(m, block_m), cdiv(n_packed, block_np), splits)](
-        x, qweight, scales, qzeros, part, m, n_packed, per, k // block_k, x.stride(0),
+    kernel, width = (_gemm_joined_kernel, n_packed * 8) if launch.joined else (_gemm_kernel, n_packed)
+    kernel[(cdiv(m, block_m), cdiv(n_packed, block_np), splits)](
+        x, qweight, scales, qzeros, part, m, width, per, k // block_k, x.stride(0),
         qweight.stride(0), scales.stride(0), qzeros.stride(0), part.stride(0),
         part.stride(1), GROUP=group_size, BLOCK_M=block_m, BLOCK_NP=block_np,
         BLOCK_K=block_k, num_warps=launch.num_warps, num_stages=launch.num_stages)

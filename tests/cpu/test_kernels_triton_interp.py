@@ -123,6 +123,7 @@ def _attention(torch, kernels, ref, cases):
 
 def _w4a16(torch, kernels, ref):
     from tpserve.kernels.testing import random_awq
+    from tpserve.kernels.w4a16 import GemmLaunch, gemm_launch
     for k, n, g in ((96, 48, 32), (64, 40, 16), (32, 528, 16)):
         qweight, scales, qzeros = random_awq(k, n, g, seed=k)
         for m in (1, 5):
@@ -130,6 +131,11 @@ def _w4a16(torch, kernels, ref):
             want = ref.w4a16_gemm(x, qweight, scales, qzeros, g)
             got = kernels.w4a16_gemm(x, qweight, scales, qzeros, g)
             _close(f"w4a16_gemm m={m} k={k}", got, want, 2e-3, 2e-3)
+            base = gemm_launch(m, g, cuda=False)
+            for block_np in (2, 4, 8):  # the joined tile: edges in N, K split (8) or not
+                joined = GemmLaunch(base.block_m, block_np, base.block_k, joined=True)
+                got = kernels.w4a16_gemm(x, qweight, scales, qzeros, g, launch=joined)
+                _close(f"w4a16_gemm joined m={m} k={k} np={block_np}", got, want, 2e-3, 2e-3)
 
 
 def _main(group):
