@@ -126,7 +126,7 @@ def _w4a16(torch, kernels, ref):
     from tpserve.kernels.w4a16 import GemmLaunch, gemm_launch
     for k, n, g in ((96, 48, 32), (64, 40, 16), (32, 528, 16)):
         qweight, scales, qzeros = random_awq(k, n, g, seed=k)
-        for m in (1, 5):
+        for m in (1, 5, 20):  # 20 rows: the joined tile
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
             want = ref.w4a16_gemm(x, qweight, scales, qzeros, g)
             got = kernels.w4a16_gemm(x, qweight, scales, qzeros, g)
