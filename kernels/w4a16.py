@@ -60,6 +60,17 @@ if HAS_TRITON:
         return tl.dot(x, w.to(x.dtype), acc)
 
     @triton.jit
+    def _load_k_step(x_ptr, qw_ptr, it, rk, offs_m, mmask, cp, cmask, s_xm, s_qk,
+                     BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+        """K step ``it``: the activations [BLOCK_M, BLOCK_K], the packed weight words
+        [BLOCK_K, BLOCK_NP] and the index of their quantization group."""
+        k = (it * BLOCK_K + rk).to(tl.int64)
+        x = tl.load(x_ptr + offs_m[:, None] * s_xm + k[None, :], mask=mmask[:, None],
+                    other=0.0)
+        p = tl.load(qw_ptr + k[:, None] * s_qk + cp[None, :], mask=cmask[None, :], other=0)
+        return x, p, (it * BLOCK_K) // GROUP
+
+    @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, n_packed, iters_per_split,
                      num_iters, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm, GROUP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_NP: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -74,11 +85,8 @@ if HAS_TRITON:
         it_begin = split * iters_per_split
         it_end = tl.minimum(it_begin + iters_per_split, num_iters)
         for it in range(it_begin, it_end):
-            k = (it * BLOCK_K + rk).to(tl.int64)
-            g = (it * BLOCK_K) // GROUP
-            x = tl.load(x_ptr + offs_m[:, None] * s_xm + k[None, :], mask=mmask[:, None],
-                        other=0.0)
-            p = tl.load(qw_ptr + k[:, None] * s_qk + cp[None, :], mask=cmask[None, :], other=0)
+            x, p, g = _load_k_step(x_ptr, qw_ptr, it, rk, offs_m, mmask, cp, cmask, s_xm,
+                                   s_qk, BLOCK_K, GROUP)
             zq = tl.load(z_ptr + g * s_zk + cp, mask=cmask, other=0)
             srow = s_ptr + g * s_sk
             a0 = _nibble_mma(a0, x, p, zq, srow, cp, cmask, 0)
@@ -116,11 +124,8 @@ if HAS_TRITON:
         it_begin = split * iters_per_split
         it_end = tl.minimum(it_begin + iters_per_split, num_iters)
         for it in range(it_begin, it_end):
-            k = (it * BLOCK_K + rk).to(tl.int64)
-            g = (it * BLOCK_K) // GROUP
-            x = tl.load(x_ptr + offs_m[:, None] * s_xm + k[None, :], mask=mmask[:, None],
-                        other=0.0)
-            p = tl.load(qw_ptr + k[:, None] * s_qk + cp[None, :], mask=pmask[None, :], other=0)
+            x, p, g = _load_k_step(x_ptr, qw_ptr, it, rk, offs_m, mmask, cp, pmask, s_xm,
+                                   s_qk, BLOCK_K, GROUP)
             p = tl.interleave(p, p)
             p = tl.interleave(p, p)
             p = tl.interleave(p, p)  # [BLOCK_K, BLOCK_N]: word c at columns 8c .. 8c+7
