@@ -74,7 +74,10 @@ class ForwardBatch(TensorDataclass):
             if want_logits[b]:
                 logits_idx.append(len(flat) - 1)
         width = max(1, max((len(t) for t in block_tables), default=1))
-        padded = [x for t in block_tables for x in (*t, *[0] * (width - len(t)))]
+        padded, zeros = [], [0] * width
+        for t in block_tables:
+            padded.extend(t)
+            padded.extend(zeros[:width - len(t)])
         # one tensor from one list, then views: torch.tensor costs ~20 us a call
         sizes = [len(flat), len(pos), len(slots), len(logits_idx), len(seq_lens), len(qsl),
                  len(padded)]

@@ -242,7 +242,7 @@ class LLMEngine:
             pending_rows = [row for c, row in zip(chunks, fed_rows) if c.wants_logits]
         batch = ForwardBatch.build(
             [c.token_ids for c in chunks], [c.context_len for c in chunks],
-            [list(c.request.block_ids) for c in chunks], self.runner.block_size,
+            [c.request.block_ids for c in chunks], self.runner.block_size,
             [c.wants_logits for c in chunks], fed_rows)
         requests = [c.request for c in chunks if c.wants_logits]
         sampling = SamplingBatch.build(requests, self.runner.vocab_size,
