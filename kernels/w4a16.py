@@ -7,8 +7,9 @@ and ``w = (q - z) * s``. No repacking is needed.
 
 A tensor-core GEMM that dequantizes each nibble's columns to the activation
 dtype and multiplies them separately (up to 16 rows), or that spreads each
-packed word over its 8 columns and runs one wide dot (more rows). When K is split, float32 partial sums
-are added up in a fixed order by a small kernel (deterministic results).
+packed word over its 8 columns and runs one wide dot (more rows). When K is
+split, float32 partial sums are added up in a fixed order by a small kernel
+(deterministic results).
 (Batches of up to 4 rows in bf16 go to PyTorch's int4 matmul instead, see
 int4_tinygemm.py: none of the Triton GEMVs tried here beat about 1 TB/s of
 4-bit weights, docs/benchmarks.md.)
