@@ -63,13 +63,13 @@ def bench_elementwise(t: int = 4096) -> None:
            2 * (q.nbytes + k.nbytes))
 
 
-def paged_cache(batch: int, ctx: int, int8: bool):
+def paged_cache(batch: int, ctx: int, int8: bool, nkv: int = NKV):
     blocks_per_seq = -(-ctx // BLOCK)
     nb = batch * blocks_per_seq
-    shape = (nb, BLOCK, NKV, D)
+    shape = (nb, BLOCK, nkv, D)
     if int8:
         kc = torch.randint(-128, 128, shape, dtype=torch.int8, device=DEV)
-        scales = torch.rand(nb, BLOCK, NKV, 2, device=DEV) * 0.02
+        scales = torch.rand(nb, BLOCK, nkv, 2, device=DEV) * 0.02
         ks, vs = scales, scales.clone()
     else:
         kc, ks, vs = torch.randn(shape, **BF16), None, None

@@ -5,7 +5,8 @@
 
 - int8-KV decode attention (kernels/attention_decode.py, `LAUNCH`): keys per
   tile, warps, stages and the way it dequantizes, at the Llama-3-8B head layout
-  (32 q heads, 8 kv heads, head dim 128, 64-token pages);
+  (32 q heads, 8 kv heads) and the Llama-2-7B one (32 and 32), head dim 128,
+  64-token pages; the bf16 cache's default launch is timed beside it;
 - the W4A16 tensor-core GEMM (kernels/w4a16.py, `gemm_launch`) at 8, 16 and 64
   rows on the Llama-3-8B MLP shapes.
 
@@ -60,20 +61,25 @@ def sweep(name: str, configs, run, default) -> tuple[str, float, object, float]:
 
 def tune_decode(quick: bool) -> list:
     rows = []
-    for batch, ctx in ((16, 4096), (64, 2048)):
-        kc, vc, ks, vs, tables = paged_cache(batch, ctx, True)
+    for batch, ctx, nkv in ((16, 4096, NKV), (64, 2048, NKV), (128, 512, NQ)):
         q = torch.randn(batch, NQ, D, **BF16)
         seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        kc, vc, _, _, tables = paged_cache(batch, ctx, False, nkv)
+        bf16_us = bench(lambda: attention_decode.decode_attention(
+            q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, None, None))
+        print(f"bf16 decode B={batch} ctx={ctx} kv heads={nkv}: {bf16_us:.1f} us", flush=True)
+        kc, vc, ks, vs, tables = paged_cache(batch, ctx, True, nkv)
 
         def run(launch):
             return attention_decode.decode_attention(q, kc, vc, tables, seq_lens, ctx, D ** -0.5,
                                                      None, ks, vs, launch=launch)
 
         grid = itertools.product((64, 128) if quick else (32, 64, 128),
-                                 (4,) if quick else (2, 4, 8),
-                                 (1, 2, 3) if quick else (1, 2, 3, 4), (0, 1, 2))
+                                 (4, 8) if quick else (2, 4, 8),
+                                 (1, 2, 3) if quick else (1, 2, 3, 4),
+                                 (2, 3) if quick else (0, 1, 2, 3))
         configs = [attention_decode.DecodeLaunch(*c) for c in grid]
-        rows.append(sweep(f"int8 decode B={batch} ctx={ctx}", configs, run,
+        rows.append(sweep(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}", configs, run,
                           attention_decode.LAUNCH.get(torch.int8,
                                                       attention_decode.DEFAULT_LAUNCH)))
     return rows
