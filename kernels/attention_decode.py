@@ -56,14 +56,8 @@ if HAS_TRITON:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
         table = table_ptr + b * s_tab
-        # DEQUANT>=2 folds each key's (scale, zero point) into its scores:
-        # q . (c * scale + zp) = scale * (q . c) + zp * sum(q), exact codes c in the dot.
-        # DEQUANT=3 also folds the values' into the probabilities,
-        # p @ (c * scale + zp) = (p * scale) @ c + sum(p * zp), and runs both dots on
-        # float16 codes (`int8_codes_f16`) with the query pre-scaled to log2 units.
-        FOLD_V: tl.constexpr = QUANT and DEQUANT == 3
-        if FOLD_V:
-            q = (q.to(tl.float32) * scale_log2).to(tl.float16)
+        # DEQUANT=2 folds each key's (scale, zero point) into its scores:
+        # q . (c * scale + zp) = scale * (q . c) + zp * sum(q), exact codes c in the dot
         q_sum = tl.sum(q.to(tl.float32), axis=1)
         for n0 in range(begin, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
@@ -71,26 +65,17 @@ if HAS_TRITON:
             k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
                              s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype, DEQUANT)
             s = tl.dot(q, tl.trans(k))
-            if QUANT and DEQUANT >= 2:
+            if QUANT and DEQUANT == 2:
                 k_scale, k_zp = load_kv_scales(ks_ptr, table, offs, valid, kvh, s_sb, s_ss,
                                                s_sh, PAGE)
                 s = s * k_scale[None, :] + q_sum[:, None] * k_zp[None, :]
-            if not FOLD_V:
-                s = s * scale_log2
+            s = s * scale_log2
             s = tl.where(valid[None, :], s, float("-inf"))
             p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-            if FOLD_V:
-                v_scale, v_zp = load_kv_scales(vs_ptr, table, offs, valid, kvh, s_sb, s_ss,
-                                               s_sh, PAGE)
-                v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                                 s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype, 3)
-                pv = tl.dot((p * v_scale[None, :]).to(tl.float16), v)
-                acc = acc * alpha[:, None] + pv + tl.sum(p * v_zp[None, :], axis=1)[:, None]
-            else:
-                v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                                 s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
-                                 (DEQUANT + 1) // 2)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
+                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
+                             (DEQUANT + 1) // 2)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
@@ -132,9 +117,7 @@ def _num_splits(q, num_kv, max_seq_len, sliding_window, block_n) -> int:
 class DecodeLaunch:
     """The split kernel's launch: keys per tile, warps, pipeline stages, and for an
     int8 cache how it dequantizes (`paged_kv.load_kv_tile`'s DEQUANT: 0 in float32,
-    1 in the query's dtype, 2 keys folded into the scores and values as 1, 3 keys
-    and values folded, codes made float16 by integer operations; 3 needs a float16
-    or bfloat16 query)."""
+    1 in the query's dtype, 2 keys folded into the scores and values as 1)."""
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
@@ -146,7 +129,7 @@ class DecodeLaunch:
 # 229 us at B=64, ctx=2048 (106 against 100 us at B=16, ctx=4096).
 DEFAULT_LAUNCH = DecodeLaunch()
 LAUNCH: dict[torch.dtype, DecodeLaunch] = {
-    torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=2, dequant=3)}
+    torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=2, dequant=2)}
 _CPU_LAUNCH = DecodeLaunch(block_n=16)
 
 

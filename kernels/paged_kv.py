@@ -29,8 +29,8 @@ if HAS_TRITON:
         An int8 cache is dequantized with its per-token (scale, zero point): in
         float32 (DEQUANT=0), in OUT_DTYPE (1; padded columns then hold the zero
         point, harmless where the matching query or output columns are masked), or
-        not at all (2: the codes, exact in OUT_DTYPE; 3: the codes as float16, made by
-        `int8_codes_f16`; the caller applies the `load_kv_scales`).
+        not at all (2: the codes, exact in OUT_DTYPE; the caller applies the
+        `load_kv_scales`).
         """
         page = tl.load(table_ptr + offs // PAGE, mask=valid, other=0).to(tl.int64)
         in_page = (offs % PAGE).to(tl.int64)
@@ -48,21 +48,7 @@ if HAS_TRITON:
                                            sstride_b, sstride_s, sstride_h, PAGE)
                 x = (x.to(OUT_DTYPE) * scale.to(OUT_DTYPE)[:, None]
                      + zp.to(OUT_DTYPE)[:, None])
-            elif DEQUANT == 3:
-                return int8_codes_f16(x)
         return x.to(OUT_DTYPE)
-
-    @triton.jit
-    def int8_codes_f16(x):
-        """int8 codes as exact float16 values, by integer operations alone.
-
-        An int-to-float conversion runs at a quarter of the rate of an integer or a
-        float16 operation, and converting every code of a tile that way bounds int8
-        attention below the memory bandwidth. The float16 with bits ``0x6400 | u`` is
-        ``1024 + u`` for a byte u, so ``0x6400 | (c ^ 0x80)`` is ``1152 + c``.
-        """
-        u = x.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x6480
-        return u.to(tl.float16, bitcast=True) - tl.full(x.shape, 1152.0, tl.float16)
 
     @triton.jit
     def online_softmax_step(s, m_i, l_i):

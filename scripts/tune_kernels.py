@@ -77,7 +77,7 @@ def tune_decode(quick: bool) -> list:
         grid = itertools.product((64, 128) if quick else (32, 64, 128),
                                  (4, 8) if quick else (2, 4, 8),
                                  (1, 2, 3) if quick else (1, 2, 3, 4),
-                                 (2, 3) if quick else (0, 1, 2, 3))
+                                 (1, 2) if quick else (0, 1, 2))
         configs = [attention_decode.DecodeLaunch(*c) for c in grid]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}", configs, run,
                           attention_decode.LAUNCH.get(torch.int8,
