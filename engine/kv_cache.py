@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.kv_cache import int8_scales
+
 
 @dataclass
 class LayerKV:
@@ -34,12 +36,9 @@ class KVCache:
         if not int8:
             return cls(torch.zeros(shape, dtype=dtype, device=device),
                        torch.zeros(shape, dtype=dtype, device=device))
-        scale_shape = shape[:-1] + (2,)
         return cls(torch.zeros(shape, dtype=torch.int8, device=device),
                    torch.zeros(shape, dtype=torch.int8, device=device),
-                   torch.zeros(scale_shape, dtype=torch.float32, device=device),
-                   torch.zeros(scale_shape, dtype=torch.float32, device=device),
-                   static_params)
+                   int8_scales(shape, device), int8_scales(shape, device), static_params)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,

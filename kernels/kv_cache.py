@@ -2,9 +2,12 @@
 
 Cache layout: ``[num_blocks, block_size, num_kv_heads, head_dim]``; token t goes
 to slot ``slot_mapping[t] = block * block_size + offset`` (-1 skips the token).
-An int8 cache stores a (scale, zero point) pair per token and head next to it,
+An int8 cache stores a (scale, zero point) pair per token and head,
 ``x = q * scale + zp``: computed online (asymmetric min/max over head_dim) or
-taken from calibrated ``static_params = (k_scale, k_zp, v_scale, v_zp)``.
+taken from calibrated ``static_params = (k_scale, k_zp, v_scale, v_zp)``. The
+pairs are indexed ``[..., block, offset, head, 2]`` like the cache; `int8_scales`
+lays them out head-major within a block, so that the tokens of one head that an
+attention tile reads lie next to each other. The kernels take any strides.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_heads(x_ptr, cache_ptr, scales_ptr, tok, slot, stride_xt, stride_xh,
-                     stride_cs, stride_ch, stride_ss, stride_sh, num_heads, head_dim,
+                     stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, block_size,
+                     num_heads, head_dim,
                      static_scale, static_zp, QUANT: tl.constexpr, STATIC: tl.constexpr,
                      HEADS: tl.constexpr, D_PAD: tl.constexpr):
         heads = tl.arange(0, HEADS)
@@ -47,7 +51,9 @@ if HAS_TRITON:
             q = tl.floor((x - zp[:, None]) * inv[:, None] + 0.5)
             q = tl.minimum(tl.maximum(q, -128.0), 127.0)
             tl.store(dst, q.to(tl.int8), mask=mask)
-            sdst = scales_ptr + slot * stride_ss + heads * stride_sh
+            # the scales may be laid out head-major within a block: address (block, offset)
+            sdst = (scales_ptr + (slot // block_size) * stride_sb
+                    + (slot % block_size) * stride_ss + heads * stride_sh)
             tl.store(sdst, scale.to(sdt), mask=hmask)
             tl.store(sdst + 1, zp.to(sdt), mask=hmask)
         else:
@@ -55,16 +61,29 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
-                         skt, skh, svt, svh, scs, sch, sss, ssh, num_heads, head_dim,
+                         skt, skh, svt, svh, scs, sch, ssb, sss, ssh, block_size,
+                         num_heads, head_dim,
                          k_scale, k_zp, v_scale, v_zp, QUANT: tl.constexpr,
                          STATIC: tl.constexpr, HEADS: tl.constexpr, D_PAD: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + tok).to(tl.int64)
         if slot >= 0:
-            _store_heads(k_ptr, kc_ptr, ks_ptr, tok, slot, skt, skh, scs, sch, sss, ssh,
-                         num_heads, head_dim, k_scale, k_zp, QUANT, STATIC, HEADS, D_PAD)
-            _store_heads(v_ptr, vc_ptr, vs_ptr, tok, slot, svt, svh, scs, sch, sss, ssh,
-                         num_heads, head_dim, v_scale, v_zp, QUANT, STATIC, HEADS, D_PAD)
+            _store_heads(k_ptr, kc_ptr, ks_ptr, tok, slot, skt, skh, scs, sch, ssb, sss, ssh,
+                         block_size, num_heads, head_dim, k_scale, k_zp, QUANT, STATIC,
+                         HEADS, D_PAD)
+            _store_heads(v_ptr, vc_ptr, vs_ptr, tok, slot, svt, svh, scs, sch, ssb, sss, ssh,
+                         block_size, num_heads, head_dim, v_scale, v_zp, QUANT, STATIC,
+                         HEADS, D_PAD)
+
+
+def int8_scales(cache_shape: tuple[int, ...], device: torch.device | str | None = None
+                ) -> torch.Tensor:
+    """Zeroed (scale, zero point) float32 pairs for an int8 cache of shape
+    [..., num_blocks, block_size, kv_heads, head_dim]: a [..., num_blocks, block_size,
+    kv_heads, 2] view of head-major storage."""
+    *lead, block_size, kv_heads, _ = cache_shape
+    storage = torch.zeros(*lead, kv_heads, block_size, 2, dtype=torch.float32, device=device)
+    return storage.transpose(-3, -2)
 
 
 def _check(k, v, k_cache, v_cache, k_scales, v_scales):
@@ -108,6 +127,6 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     _store_kv_kernel[(k.shape[0],)](
         k, v, k_cache, v_cache, ks, vs, slot_mapping, k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
-        ks.stride(1), ks.stride(2), num_heads, head_dim, *[float(p) for p in params],
+        ks.stride(0), ks.stride(1), ks.stride(2), k_cache.shape[1], num_heads, head_dim, *[float(p) for p in params],
         QUANT=quant, STATIC=static_params is not None, HEADS=next_pow2(num_heads),
         D_PAD=next_pow2(head_dim), num_warps=4)

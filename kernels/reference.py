@@ -77,7 +77,6 @@ def _store_one(x, cache, scales, slots, static):
     if cache.dtype != torch.int8:
         flat[slots] = x.to(cache.dtype)
         return
-    flat_scales = scales.view(nb * bs, *scales.shape[2:])
     if static is None:
         q, scale, zp = quantize_per_token(x, scales.dtype)
     else:
@@ -86,7 +85,8 @@ def _store_one(x, cache, scales, slots, static):
         zp = torch.full(shape, static[1], device=x.device).to(scales.dtype).float()
         q = quantize_with(x, scale, zp)
     flat[slots] = q
-    flat_scales[slots] = torch.stack([scale, zp], -1).to(scales.dtype)
+    # indexed by (block, offset): the scales may be laid out head-major within a block
+    scales[slots // bs, slots % bs] = torch.stack([scale, zp], -1).to(scales.dtype)
 
 
 def store_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scales=None,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_cache import int8_scales
 from .reference import AWQ_ORDER, store_kv_cache
 
 
@@ -67,8 +68,7 @@ def make_paged_problem(seq_lens: list[int], query_lens: list[int], num_q: int, n
     v_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
     k_scales = v_scales = None
     if int8:
-        k_scales = torch.zeros(*shape[:3], 2, dtype=torch.float32, device=device)
-        v_scales = torch.zeros_like(k_scales)
+        k_scales, v_scales = int8_scales(shape, device), int8_scales(shape, device)
     slots_new, starts = [], [0]
     for b, (s, ql) in enumerate(zip(seq_lens, query_lens)):
         prefix = _slots(tables[b], 0, s - ql, block_size)

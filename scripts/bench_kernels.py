@@ -11,6 +11,7 @@ import torch
 import triton.testing
 
 import tpserve.kernels as K
+from tpserve.kernels.kv_cache import int8_scales
 from tpserve.kernels.testing import random_awq
 
 NQ, NKV, D, BLOCK, HIDDEN, INTER = 32, 8, 128, 64, 4096, 14336
@@ -63,14 +64,19 @@ def bench_elementwise(t: int = 4096) -> None:
            2 * (q.nbytes + k.nbytes))
 
 
-def paged_cache(batch: int, ctx: int, int8: bool, nkv: int = NKV):
+def paged_cache(batch: int, ctx: int, int8: bool, nkv: int = NKV,
+                head_major_scales: bool = True):
+    """A random cache; an int8 one's scales in the engine's layout (head-major within a
+    block) or, for comparison, token-major."""
     blocks_per_seq = -(-ctx // BLOCK)
     nb = batch * blocks_per_seq
     shape = (nb, BLOCK, nkv, D)
     if int8:
         kc = torch.randint(-128, 128, shape, dtype=torch.int8, device=DEV)
-        scales = torch.rand(nb, BLOCK, nkv, 2, device=DEV) * 0.02
-        ks, vs = scales, scales.clone()
+        ks, vs = [int8_scales(shape, DEV) if head_major_scales
+                  else torch.zeros(nb, BLOCK, nkv, 2, device=DEV) for _ in range(2)]
+        for s in (ks, vs):
+            s.copy_(torch.rand(nb, BLOCK, nkv, 2, device=DEV) * 0.02)
     else:
         kc, ks, vs = torch.randn(shape, **BF16), None, None
     vc = kc.clone()

@@ -6,7 +6,9 @@
 - int8-KV decode attention (kernels/attention_decode.py, `LAUNCH`): keys per
   tile, warps, stages and the way it dequantizes, at the Llama-3-8B head layout
   (32 q heads, 8 kv heads) and the Llama-2-7B one (32 and 32), head dim 128,
-  64-token pages; the bf16 cache's default launch is timed beside it;
+  64-token pages, with the scales laid out as the engine does (head-major within
+  a block); the bf16 cache and token-major scales are timed beside it at the
+  default launch;
 - the W4A16 tensor-core GEMM (kernels/w4a16.py, `gemm_launch`) at 8, 16 and 64
   rows on the Llama-3-8B MLP shapes.
 
@@ -68,6 +70,12 @@ def tune_decode(quick: bool) -> list:
         bf16_us = bench(lambda: attention_decode.decode_attention(
             q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, None, None))
         print(f"bf16 decode B={batch} ctx={ctx} kv heads={nkv}: {bf16_us:.1f} us", flush=True)
+        default = attention_decode.LAUNCH.get(torch.int8, attention_decode.DEFAULT_LAUNCH)
+        kc, vc, ks, vs, tables = paged_cache(batch, ctx, True, nkv, head_major_scales=False)
+        us = bench(lambda: attention_decode.decode_attention(
+            q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, ks, vs, launch=default))
+        print(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}, token-major scales, "
+              f"{default}: {us:.1f} us", flush=True)
         kc, vc, ks, vs, tables = paged_cache(batch, ctx, True, nkv)
 
         def run(launch):
@@ -80,8 +88,7 @@ def tune_decode(quick: bool) -> list:
                                  (1, 2) if quick else (0, 1, 2))
         configs = [attention_decode.DecodeLaunch(*c) for c in grid]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}", configs, run,
-                          attention_decode.LAUNCH.get(torch.int8,
-                                                      attention_decode.DEFAULT_LAUNCH)))
+                          default))
     return rows
 
 
