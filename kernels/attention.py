@@ -38,8 +38,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     query_start_loc: torch.Tensor, max_query_len: int, max_seq_len: int,
                     scale: float, sliding_window: int | None = None,
                     k_scales: torch.Tensor | None = None,
-                    v_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of q [T, nq, d] over the paged cache; returns [T, nq, d]."""
+                    v_scales: torch.Tensor | None = None,
+                    static_params: tuple[float, float, float, float] | None = None
+                    ) -> torch.Tensor:
+    """Causal attention of q [T, nq, d] over the paged cache; returns [T, nq, d].
+
+    ``static_params``: the calibrated (k_scale, k_zp, v_scale, v_zp) every token of an
+    int8 cache was written with (`store_kv_cache`); decode then skips the per-token
+    scales. The per-token scales must hold the same values."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scales)
     decode = max_query_len == 1 and q.shape[0] == seq_lens.shape[0]
     if not use_triton(q):
@@ -55,6 +61,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return torch.empty_like(q)
     if decode:
         return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len,
-                                scale, sliding_window, k_scales, v_scales)
+                                scale, sliding_window, k_scales, v_scales, static_params)
     return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                              max_query_len, scale, sliding_window, k_scales, v_scales)

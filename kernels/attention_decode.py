@@ -29,9 +29,10 @@ if HAS_TRITON:
             q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, po_ptr, pl_ptr,
             scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
             s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, head_dim,
+            k_scale_c, k_zp_c, v_scale_c, v_zp_c,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr,
             BLOCK_N: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
-            HAS_WINDOW: tl.constexpr, DEQUANT: tl.constexpr):
+            HAS_WINDOW: tl.constexpr, DEQUANT: tl.constexpr, STATIC: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -57,15 +58,22 @@ if HAS_TRITON:
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
         table = table_ptr + b * s_tab
         # DEQUANT=2 folds each key's (scale, zero point) into its scores:
-        # q . (c * scale + zp) = scale * (q . c) + zp * sum(q), exact codes c in the dot
+        # q . (c * scale + zp) = scale * (q . c) + zp * sum(q), exact codes c in the dot.
+        # STATIC (one calibrated pair per layer for K and one for V) reads no per-token
+        # scales: the keys' pair applies to the scores as above, and the values' to the
+        # output, p @ (c * scale + zp) / l = scale * (p @ c) / l + zp.
         q_sum = tl.sum(q.to(tl.float32), axis=1)
+        CODES: tl.constexpr = QUANT and (STATIC or DEQUANT == 2)
         for n0 in range(begin, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             valid = (offs < end) & (offs >= kv_start)
             k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype, DEQUANT)
+                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
+                             2 if CODES else DEQUANT)
             s = tl.dot(q, tl.trans(k))
-            if QUANT and DEQUANT == 2:
+            if STATIC:
+                s = s * k_scale_c + q_sum[:, None] * k_zp_c
+            elif CODES:
                 k_scale, k_zp = load_kv_scales(ks_ptr, table, offs, valid, kvh, s_sb, s_ss,
                                                s_sh, PAGE)
                 s = s * k_scale[None, :] + q_sum[:, None] * k_zp[None, :]
@@ -74,10 +82,12 @@ if HAS_TRITON:
             p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
             v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
                              s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
-                             (DEQUANT + 1) // 2)
+                             2 if STATIC else (DEQUANT + 1) // 2)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        if STATIC:
+            out = out * v_scale_c + tl.where(l_i > 0, v_zp_c, 0.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         po = po_ptr + b * s_po_b + heads[:, None] * s_po_h + split * s_po_s + cols[None, :]
         tl.store(po, out, mask=qmask)
@@ -125,17 +135,22 @@ class DecodeLaunch:
 
 
 # on CUDA: the default, and the cache dtypes that measured faster with another
-# (scripts/tune_kernels.py times the alternatives). int8, one H200: 158 against
-# 229 us at B=64, ctx=2048 (106 against 100 us at B=16, ctx=4096).
+# (scripts/tune_kernels.py times the alternatives). int8 on one H200, with head-major
+# scales: 77 us at B=16, ctx=4096 (bf16: 71 us) and 288 us at B=128, ctx=512 with 32 kv
+# heads (bf16: 254 us); 2 stages would take 105 and 323 us there, but 152 against
+# 175 us at B=64, ctx=2048.
 DEFAULT_LAUNCH = DecodeLaunch()
 LAUNCH: dict[torch.dtype, DecodeLaunch] = {
-    torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=2, dequant=2)}
+    torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2)}
 _CPU_LAUNCH = DecodeLaunch(block_n=16)
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
                      sliding_window, k_scales, v_scales,
+                     static_params: tuple[float, float, float, float] | None = None,
                      launch: DecodeLaunch | None = None) -> torch.Tensor:
+    """``static_params`` (k_scale, k_zp, v_scale, v_zp): an int8 cache written with
+    these calibrated parameters for every token, so the per-token scales are not read."""
     num_tokens, num_q, head_dim = q.shape
     page, num_kv = k_cache.shape[1], k_cache.shape[2]
     group = num_q // num_kv
@@ -156,9 +171,11 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
         k_cache.stride(1), k_cache.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), head_dim,
+        *[float(x) for x in (static_params or (1.0, 0.0, 1.0, 0.0))],
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad, BLOCK_N=block_n,
         PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
-        DEQUANT=launch.dequant if quant else 0, num_warps=launch.num_warps,
+        DEQUANT=launch.dequant if quant else 0, STATIC=quant and static_params is not None,
+        num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     out = torch.empty_like(q)
     _decode_reduce_kernel[(num_tokens, num_q)](

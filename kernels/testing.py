@@ -30,6 +30,7 @@ class PagedProblem:
     query_start_loc: torch.Tensor  # [B+1] int32
     max_query_len: int
     max_seq_len: int
+    static_params: tuple[float, float, float, float] | None = None  # int8, calibrated
 
     def attention_args(self) -> tuple:
         return (self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens,
@@ -55,7 +56,11 @@ def _slots(tables, start, stop, block_size):
 
 def make_paged_problem(seq_lens: list[int], query_lens: list[int], num_q: int, num_kv: int,
                        head_dim: int, block_size: int, dtype=torch.float16, device="cpu",
-                       int8: bool = False, seed: int = 0, spare_blocks: int = 3) -> PagedProblem:
+                       int8: bool = False, seed: int = 0, spare_blocks: int = 3,
+                       static_params: tuple[float, float, float, float] | None = None
+                       ) -> PagedProblem:
+    """Random queries, new keys/values, and prefixes stored in a paged cache (an int8
+    one with per-token scales, or with the calibrated ``static_params``)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -73,7 +78,7 @@ def make_paged_problem(seq_lens: list[int], query_lens: list[int], num_q: int, n
     for b, (s, ql) in enumerate(zip(seq_lens, query_lens)):
         prefix = _slots(tables[b], 0, s - ql, block_size)
         store_kv_cache(randn(len(prefix), num_kv, head_dim), randn(len(prefix), num_kv, head_dim),
-                       k_cache, v_cache, prefix, k_scales, v_scales)
+                       k_cache, v_cache, prefix, k_scales, v_scales, static_params)
         slots_new.append(_slots(tables[b], s - ql, s, block_size))
         starts.append(starts[-1] + ql)
     total = starts[-1]
@@ -84,7 +89,7 @@ def make_paged_problem(seq_lens: list[int], query_lens: list[int], num_q: int, n
         k_cache=k_cache, v_cache=v_cache, k_scales=k_scales, v_scales=v_scales,
         block_tables=tables, seq_lens=torch.tensor(seq_lens, **i32),
         query_start_loc=torch.tensor(starts, **i32), max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens))
+        max_seq_len=max(seq_lens), static_params=static_params)
 
 
 def pack_awq(nibbles: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from tpserve.engine.config import ModelConfig, QuantConfig, WorkspaceMeta
 from tpserve.engine.convert import copy_tokenizer
 from tpserve.engine.demo_model import demo_model_path
-from tpserve.engine.workspace import rank_dir, write_meta
+from tpserve.engine.loader import write_kv_qparams
+from tpserve.engine.workspace import is_workspace, rank_dir, read_meta, write_meta
 from tpserve.parallel.linear import AWQMethod, UnquantizedMethod
 from tpserve.parallel.sharding import ShardPlan, padded_vocab, shard_layer, shard_vocab
 
@@ -83,6 +84,16 @@ def random_workspace(cfg: ModelConfig, dst: Path, tp: int = 1, dtype=torch.bfloa
                                   weight_type="int4" if awq_group else str(dtype).removeprefix("torch."),
                                   quant=quant, padded_vocab_size=vocab))
     return dst
+
+
+def write_placeholder_kv_qparams(ws: Path, scale: float = 0.04) -> None:
+    """int8-KV parameters as `lite kv_qparams` writes them, with one (scale, zero point 0)
+    for every layer, K and V: the random models' keys and values (std about 1.3) fit
+    +-128 steps of 0.04. For timing the calibrated path; a real model is calibrated."""
+    meta = read_meta(ws)
+    one = torch.tensor([scale, 0.0, scale, 0.0])
+    write_kv_qparams(ws, {(layer, rank): one.clone() for layer in range(meta.model.num_layers)
+                          for rank in range(meta.tp)})
 
 
 def demo_tokenizer_size() -> int:
@@ -183,11 +194,19 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--awq-group", type=int, default=0, help="> 0: random 4-bit AWQ weights")
+    p.add_argument("--kv-qparams", action="store_true",
+                   help="also write placeholder int8-KV parameters (an existing workspace at "
+                        "dst only gets those)")
     args = p.parse_args()
     start = time.perf_counter()
-    random_workspace(model_config(args.shape, args.layers), Path(args.dst), args.tp,
-                     awq_group=args.awq_group)
-    print(f"random {args.shape} workspace in {args.dst} ({time.perf_counter() - start:.0f} s)")
+    dst = Path(args.dst)
+    if not (args.kv_qparams and is_workspace(dst)):
+        random_workspace(model_config(args.shape, args.layers), dst, args.tp,
+                         awq_group=args.awq_group)
+        print(f"random {args.shape} workspace in {dst} ({time.perf_counter() - start:.0f} s)")
+    if args.kv_qparams:
+        write_placeholder_kv_qparams(dst)
+        print(f"placeholder int8-KV parameters in {dst}")
 
 
 if __name__ == "__main__":

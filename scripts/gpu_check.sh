@@ -8,7 +8,8 @@
 #        latency    batch-1/8 decode on the Llama-3-8B shape, CUDA graphs vs eager vs transformers
 #        throughput ShareGPT-like requests on the Llama-3-8B shape vs transformers
 #        w4a16      decode with random 4-bit AWQ weights (Llama-3-8B shape) vs bf16
-#        kvint8     int8 vs bf16 KV cache at a KV-bound batch (Llama-2-7B shape)
+#        kvint8     int8 (online and calibrated scales) vs bf16 KV cache at a KV-bound batch
+#                   (Llama-2-7B shape)
 #        tp         tp=1/2/4 batch-1 decode on the Llama-3-8B shape (as many GPUs as there are)
 #        tpstep     all-reduce micro-benchmark, and where a tp=2 step's time goes (NCCL vs one-shot)
 #        serving    bench_serving.py through the Ray Serve app vs the in-process engine
@@ -82,10 +83,15 @@ for part in "${parts[@]}"; do
     ws=$(workspace l2 --shape llama2-7b)
     # a KV budget of ~20 GB whatever the card, so that the batch is bound by the cache
     frac=$(python3 -c "import torch; f,_=torch.cuda.mem_get_info(); print(round(20e9/(f-14e9),3))")
-    for qp in 0 8; do
-      python3 scripts/bench_throughput.py --shape llama2-7b --workspace "$ws" --num-prompts 512 \
-        --max-batch-size 512 --cache-max-entry-count "$frac" --quant-policy $qp \
-        --label "kv quant_policy=$qp" --no-baseline --json "$out/kv$qp.json" 2>&1 | tail -3
+    # the same weights with (placeholder) calibrated int8-KV parameters: hard links
+    static="$scratch/l2kv"
+    [ -d "$static" ] || { cp -al "$ws" "$static" && python3 scripts/bench_common.py "$static" \
+      --kv-qparams > "$out/ws_l2kv.log" 2>&1; }
+    for run in "0 $ws bf16" "8 $ws int8-online" "8 $static int8-calibrated"; do
+      set -- $run
+      python3 scripts/bench_throughput.py --shape llama2-7b --workspace "$2" --num-prompts 512 \
+        --max-batch-size 512 --cache-max-entry-count "$frac" --quant-policy "$1" \
+        --label "kv $3" --no-baseline --json "$out/kv_$3.json" 2>&1 | tail -3
     done;;
   tp)
     ws1=$(workspace l3 --shape llama3-8b)

@@ -89,6 +89,11 @@ def tune_decode(quick: bool) -> list:
         configs = [attention_decode.DecodeLaunch(*c) for c in grid]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}", configs, run,
                           default))
+        us = bench(lambda: attention_decode.decode_attention(
+            q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, ks, vs, (0.02, 0.0, 0.02, 0.0),
+            launch=default))
+        print(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}, calibrated (static) "
+              f"parameters, {default}: {us:.1f} us", flush=True)
     return rows
 
 

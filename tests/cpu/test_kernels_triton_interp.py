@@ -119,6 +119,20 @@ def _attention(torch, kernels, ref, cases):
                     got = decode_attention(*args[:5], *args[7:],
                                            launch=DecodeLaunch(block_n=16, dequant=dequant))
                     _close(f"decode case {i} int8 dequant={dequant}", got, want, 2e-3, 1e-2)
+                # calibrated parameters: decode applies them without reading per-token scales
+                static = (0.03, 0.1, 0.02, -0.05)
+                p = make_paged_problem(seqs, qlens, nq, nkv, d, 16, int8=True, seed=i,
+                                       static_params=static)
+                ref.store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping,
+                                   p.k_scales, p.v_scales, static)
+                args = p.attention_args() + (d ** -0.5, window, p.k_scales, p.v_scales)
+                want = ref.paged_attention(*args)
+                got = kernels.paged_attention(*args, static_params=static)
+                _close(f"decode case {i} int8 static", got, want, 2e-3, 1e-2)
+                p.k_scales.zero_()  # proves the scales are not read
+                p.v_scales.zero_()
+                _close(f"decode case {i} int8 static, scales unread",
+                       kernels.paged_attention(*args, static_params=static), want, 2e-3, 1e-2)
 
 
 def _w4a16(torch, kernels, ref):

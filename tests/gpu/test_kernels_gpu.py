@@ -64,15 +64,18 @@ ATTENTION = [  # seq_lens, query_lens, window
 ]
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("int8", [False, True, "static"])
 @pytest.mark.parametrize("case", range(len(ATTENTION)))
 def test_paged_attention(case, int8):
     seqs, qlens, window = ATTENTION[case]
-    p = make_paged_problem(seqs, qlens, NQ, NKV, D, BLOCK, int8=int8, seed=case, **BF16)
+    static = (0.03, 0.1, 0.02, -0.05) if int8 == "static" else None
+    p = make_paged_problem(seqs, qlens, NQ, NKV, D, BLOCK, int8=bool(int8), seed=case,
+                           static_params=static, **BF16)
     kernels.store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping,
-                           p.k_scales, p.v_scales)
+                           p.k_scales, p.v_scales, static)
     args = p.attention_args() + (D ** -0.5, window, p.k_scales, p.v_scales)
-    _close(kernels.paged_attention(*args), ref.paged_attention(*args), 1e-2, 2e-2)
+    _close(kernels.paged_attention(*args, static_params=static), ref.paged_attention(*args),
+           1e-2, 2e-2)
 
 
 @pytest.mark.parametrize("m", [1, 2, 16, 64])
