@@ -57,24 +57,19 @@ if HAS_TRITON:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
         table = table_ptr + b * s_tab
-        # DEQUANT>=2 folds each key's (scale, zero point) into its scores:
+        # DEQUANT=2 folds each key's (scale, zero point) into its scores:
         # q . (c * scale + zp) = scale * (q . c) + zp * sum(q), exact codes c in the dot.
         # STATIC (one calibrated pair per layer for K and one for V) reads no per-token
         # scales: the keys' pair applies to the scores as above, and the values' to the
         # output, p @ (c * scale + zp) / l = scale * (p @ c) / l + zp.
-        # DEQUANT=3 runs both dots in float16 on codes from `int8_codes_f16`, with the
-        # query taken to log2 units first (so it stays far inside float16's range).
-        F16: tl.constexpr = QUANT and DEQUANT == 3
-        CODES: tl.constexpr = QUANT and (STATIC or DEQUANT >= 2)
-        if F16:
-            q = (q.to(tl.float32) * scale_log2).to(tl.float16)
         q_sum = tl.sum(q.to(tl.float32), axis=1)
+        CODES: tl.constexpr = QUANT and (STATIC or DEQUANT == 2)
         for n0 in range(begin, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             valid = (offs < end) & (offs >= kv_start)
             k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
                              s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
-                             3 if F16 else (2 if CODES else DEQUANT))
+                             2 if CODES else DEQUANT)
             s = tl.dot(q, tl.trans(k))
             if STATIC:
                 s = s * k_scale_c + q_sum[:, None] * k_zp_c
@@ -82,18 +77,12 @@ if HAS_TRITON:
                 k_scale, k_zp = load_kv_scales(ks_ptr, table, offs, valid, kvh, s_sb, s_ss,
                                                s_sh, PAGE)
                 s = s * k_scale[None, :] + q_sum[:, None] * k_zp[None, :]
-            if not F16:
-                s = s * scale_log2
+            s = s * scale_log2
             s = tl.where(valid[None, :], s, float("-inf"))
             p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-            if F16:
-                v_mode: tl.constexpr = 3 if STATIC else 4
-            elif STATIC:
-                v_mode: tl.constexpr = 2
-            else:
-                v_mode: tl.constexpr = (DEQUANT + 1) // 2
             v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype, v_mode)
+                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
+                             2 if STATIC else (DEQUANT + 1) // 2)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -138,9 +127,7 @@ def _num_splits(q, num_kv, max_seq_len, sliding_window, block_n) -> int:
 class DecodeLaunch:
     """The split kernel's launch: keys per tile, warps, pipeline stages, and for an
     int8 cache how it dequantizes (`paged_kv.load_kv_tile`'s DEQUANT: 0 in float32,
-    1 in the query's dtype, 2 keys folded into the scores and values as 1, 3 as 2
-    in float16 with codes made by integer operations; with calibrated parameters,
-    2 and 3 fold the values' pair into the output as well)."""
+    1 in the query's dtype, 2 keys folded into the scores and values as 1)."""
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
@@ -154,7 +141,7 @@ class DecodeLaunch:
 # 175 us at B=64, ctx=2048.
 DEFAULT_LAUNCH = DecodeLaunch()
 LAUNCH: dict[torch.dtype, DecodeLaunch] = {
-    torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=3)}
+    torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2)}
 _CPU_LAUNCH = DecodeLaunch(block_n=16)
 
 
