@@ -25,6 +25,30 @@ if HAS_TRITON:
     from .paged_kv import load_kv_scales, load_kv_tile, online_softmax_step
 
     @triton.jit
+    def _int8_tile_loads(kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, valid, kvh,
+                         s_kb, s_ks, s_kh, s_sb, s_ss, s_sh, cols, dmask,
+                         PAGE: tl.constexpr, STATIC: tl.constexpr):
+        """Every load of one int8 tile, issued together: K and V codes and, without
+        calibrated parameters, each token's (scale, zero point) for K and V."""
+        page = tl.load(table + offs // PAGE, mask=valid, other=0).to(tl.int64)
+        in_page = (offs % PAGE).to(tl.int64)
+        base = (page * s_kb + in_page * s_ks + kvh * s_kh)[:, None] + cols[None, :]
+        mask = valid[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + base, mask=mask, other=0)
+        v = tl.load(vc_ptr + base, mask=mask, other=0)
+        k_scale = tl.zeros(offs.shape, tl.float32)
+        k_zp = k_scale
+        v_scale = k_scale
+        v_zp = k_scale
+        if not STATIC:
+            sb = page * s_sb + in_page * s_ss + kvh * s_sh
+            k_scale = tl.load(ks_ptr + sb, mask=valid, other=0.0)
+            k_zp = tl.load(ks_ptr + sb + 1, mask=valid, other=0.0)
+            v_scale = tl.load(vs_ptr + sb, mask=valid, other=0.0)
+            v_zp = tl.load(vs_ptr + sb + 1, mask=valid, other=0.0)
+        return k, v, k_scale, k_zp, v_scale, v_zp
+
+    @triton.jit
     def _decode_split_kernel(
             q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, po_ptr, pl_ptr,
             scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
@@ -32,7 +56,8 @@ if HAS_TRITON:
             k_scale_c, k_zp_c, v_scale_c, v_zp_c,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr,
             BLOCK_N: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
-            HAS_WINDOW: tl.constexpr, DEQUANT: tl.constexpr, STATIC: tl.constexpr):
+            HAS_WINDOW: tl.constexpr, DEQUANT: tl.constexpr, STATIC: tl.constexpr,
+            PREFETCH: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -64,15 +89,38 @@ if HAS_TRITON:
         # output, p @ (c * scale + zp) / l = scale * (p @ c) / l + zp.
         q_sum = tl.sum(q.to(tl.float32), axis=1)
         CODES: tl.constexpr = QUANT and (STATIC or DEQUANT == 2)
+        # PREFETCH (int8 codes only): 1 issues all of a tile's loads before its math,
+        # 2 issues the next tile's before this one's
+        EARLY: tl.constexpr = CODES and PREFETCH > 0
+        if EARLY and PREFETCH == 2:
+            offs = begin + tl.arange(0, BLOCK_N)
+            kr, vr, ksc, kzp, vsc, vzp = _int8_tile_loads(
+                kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, (offs < end) & (offs >= kv_start),
+                kvh, s_kb, s_ks, s_kh, s_sb, s_ss, s_sh, cols, dmask, PAGE, STATIC)
         for n0 in range(begin, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             valid = (offs < end) & (offs >= kv_start)
-            k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
-                             2 if CODES else DEQUANT)
+            if EARLY:
+                if PREFETCH == 2:
+                    nxt = offs + BLOCK_N
+                    kr_n, vr_n, ksc_n, kzp_n, vsc_n, vzp_n = _int8_tile_loads(
+                        kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, nxt,
+                        (nxt < end) & (nxt >= kv_start), kvh, s_kb, s_ks, s_kh, s_sb, s_ss,
+                        s_sh, cols, dmask, PAGE, STATIC)
+                else:
+                    kr, vr, ksc, kzp, vsc, vzp = _int8_tile_loads(
+                        kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks,
+                        s_kh, s_sb, s_ss, s_sh, cols, dmask, PAGE, STATIC)
+                k = kr.to(q.dtype)
+            else:
+                k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
+                                 s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
+                                 2 if CODES else DEQUANT)
             s = tl.dot(q, tl.trans(k))
             if STATIC:
                 s = s * k_scale_c + q_sum[:, None] * k_zp_c
+            elif EARLY:
+                s = s * ksc[None, :] + q_sum[:, None] * kzp[None, :]
             elif CODES:
                 k_scale, k_zp = load_kv_scales(ks_ptr, table, offs, valid, kvh, s_sb, s_ss,
                                                s_sh, PAGE)
@@ -80,9 +128,16 @@ if HAS_TRITON:
             s = s * scale_log2
             s = tl.where(valid[None, :], s, float("-inf"))
             p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-            v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
-                             s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
-                             2 if STATIC else (DEQUANT + 1) // 2)
+            if EARLY:
+                v = vr.to(q.dtype)
+                if not STATIC:
+                    v = v * vsc.to(q.dtype)[:, None] + vzp.to(q.dtype)[:, None]
+                if PREFETCH == 2:
+                    kr, vr, ksc, kzp, vsc, vzp = kr_n, vr_n, ksc_n, kzp_n, vsc_n, vzp_n
+            else:
+                v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
+                                 s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
+                                 2 if STATIC else (DEQUANT + 1) // 2)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -127,11 +182,15 @@ def _num_splits(q, num_kv, max_seq_len, sliding_window, block_n) -> int:
 class DecodeLaunch:
     """The split kernel's launch: keys per tile, warps, pipeline stages, and for an
     int8 cache how it dequantizes (`paged_kv.load_kv_tile`'s DEQUANT: 0 in float32,
-    1 in the query's dtype, 2 keys folded into the scores and values as 1)."""
+    1 in the query's dtype, 2 keys folded into the scores and values as 1), and for
+    codes read as such (dequant 2, or calibrated parameters) when their loads are
+    issued (prefetch: 0 where each is used, 1 all of a tile's at once, 2 the next
+    tile's before this tile's math)."""
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     dequant: int = 0
+    prefetch: int = 0
 
 
 # on CUDA: the default, and the cache dtypes that measured faster with another
@@ -175,6 +234,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad, BLOCK_N=block_n,
         PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
         DEQUANT=launch.dequant if quant else 0, STATIC=quant and static_params is not None,
+        PREFETCH=launch.prefetch,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     out = torch.empty_like(q)

@@ -18,6 +18,7 @@ the default, the best and the gain. Copy the winners into the kernels' tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -83,17 +84,21 @@ def tune_decode(quick: bool) -> list:
                                                      None, ks, vs, launch=launch)
 
         grid = itertools.product((64, 128) if quick else (32, 64, 128),
-                                 (4, 8) if quick else (2, 4, 8),
-                                 (1, 2, 3) if quick else (1, 2, 3, 4),
-                                 (1, 2) if quick else (0, 1, 2))
-        configs = [attention_decode.DecodeLaunch(*c) for c in grid]
+                                 (4,) if quick else (2, 4, 8),
+                                 (1, 2) if quick else (1, 2, 3, 4),
+                                 (1, 2) if quick else (0, 1, 2), (0, 1, 2))
+        # prefetching applies to the codes read as such (dequant 2)
+        configs = [attention_decode.DecodeLaunch(*c) for c in grid if c[3] == 2 or not c[4]]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}", configs, run,
                           default))
-        us = bench(lambda: attention_decode.decode_attention(
-            q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, ks, vs, (0.02, 0.0, 0.02, 0.0),
-            launch=default))
-        print(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}, calibrated (static) "
-              f"parameters, {default}: {us:.1f} us", flush=True)
+        for prefetch in (0, 1, 2):  # calibrated parameters: no per-token scales read
+            for stages in (1, 2):
+                launch = dataclasses.replace(default, prefetch=prefetch, num_stages=stages)
+                us = bench(lambda: attention_decode.decode_attention(
+                    q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, ks, vs,
+                    (0.02, 0.0, 0.02, 0.0), launch=launch))
+                print(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}, calibrated (static) "
+                      f"parameters, {launch}: {us:.1f} us", flush=True)
     return rows
 
 

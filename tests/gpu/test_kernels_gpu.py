@@ -5,6 +5,7 @@ import torch
 
 import tpserve.kernels as kernels
 from tpserve.kernels import reference as ref
+from tpserve.kernels.attention_decode import DecodeLaunch, decode_attention
 from tpserve.kernels.testing import make_paged_problem, random_awq
 
 pytestmark = [pytest.mark.gpu,
@@ -74,8 +75,13 @@ def test_paged_attention(case, int8):
     kernels.store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping,
                            p.k_scales, p.v_scales, static)
     args = p.attention_args() + (D ** -0.5, window, p.k_scales, p.v_scales)
-    _close(kernels.paged_attention(*args, static_params=static), ref.paged_attention(*args),
-           1e-2, 2e-2)
+    want = ref.paged_attention(*args)
+    _close(kernels.paged_attention(*args, static_params=static), want, 1e-2, 2e-2)
+    if int8 and max(qlens) == 1:  # each way decode can read int8
+        for dequant, prefetch in ((0, 0), (1, 0), (2, 0), (2, 1), (2, 2)):
+            launch = DecodeLaunch(block_n=128, num_stages=1, dequant=dequant, prefetch=prefetch)
+            got = decode_attention(*args[:5], *args[7:], static_params=static, launch=launch)
+            _close(got, want, 1e-2, 2e-2)
 
 
 @pytest.mark.parametrize("m", [1, 2, 16, 64])
