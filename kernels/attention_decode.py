@@ -89,28 +89,15 @@ if HAS_TRITON:
         # output, p @ (c * scale + zp) / l = scale * (p @ c) / l + zp.
         q_sum = tl.sum(q.to(tl.float32), axis=1)
         CODES: tl.constexpr = QUANT and (STATIC or DEQUANT == 2)
-        # PREFETCH (int8 codes only): 1 issues all of a tile's loads before its math,
-        # 2 issues the next tile's before this one's
-        EARLY: tl.constexpr = CODES and PREFETCH > 0
-        if EARLY and PREFETCH == 2:
-            offs = begin + tl.arange(0, BLOCK_N)
-            kr, vr, ksc, kzp, vsc, vzp = _int8_tile_loads(
-                kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, (offs < end) & (offs >= kv_start),
-                kvh, s_kb, s_ks, s_kh, s_sb, s_ss, s_sh, cols, dmask, PAGE, STATIC)
+        # PREFETCH (int8 codes only): all of a tile's loads are issued before its math
+        EARLY: tl.constexpr = CODES and PREFETCH
         for n0 in range(begin, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             valid = (offs < end) & (offs >= kv_start)
             if EARLY:
-                if PREFETCH == 2:
-                    nxt = offs + BLOCK_N
-                    kr_n, vr_n, ksc_n, kzp_n, vsc_n, vzp_n = _int8_tile_loads(
-                        kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, nxt,
-                        (nxt < end) & (nxt >= kv_start), kvh, s_kb, s_ks, s_kh, s_sb, s_ss,
-                        s_sh, cols, dmask, PAGE, STATIC)
-                else:
-                    kr, vr, ksc, kzp, vsc, vzp = _int8_tile_loads(
-                        kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks,
-                        s_kh, s_sb, s_ss, s_sh, cols, dmask, PAGE, STATIC)
+                kr, vr, ksc, kzp, vsc, vzp = _int8_tile_loads(
+                    kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks,
+                    s_kh, s_sb, s_ss, s_sh, cols, dmask, PAGE, STATIC)
                 k = kr.to(q.dtype)
             else:
                 k = load_kv_tile(kc_ptr, ks_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
@@ -132,8 +119,6 @@ if HAS_TRITON:
                 v = vr.to(q.dtype)
                 if not STATIC:
                     v = v * vsc.to(q.dtype)[:, None] + vzp.to(q.dtype)[:, None]
-                if PREFETCH == 2:
-                    kr, vr, ksc, kzp, vsc, vzp = kr_n, vr_n, ksc_n, kzp_n, vsc_n, vzp_n
             else:
                 v = load_kv_tile(vc_ptr, vs_ptr, table, offs, valid, kvh, s_kb, s_ks, s_kh,
                                  s_sb, s_ss, s_sh, cols, dmask, PAGE, QUANT, q.dtype,
@@ -183,24 +168,27 @@ class DecodeLaunch:
     """The split kernel's launch: keys per tile, warps, pipeline stages, and for an
     int8 cache how it dequantizes (`paged_kv.load_kv_tile`'s DEQUANT: 0 in float32,
     1 in the query's dtype, 2 keys folded into the scores and values as 1), and for
-    codes read as such (dequant 2, or calibrated parameters) when their loads are
-    issued (prefetch: 0 where each is used, 1 all of a tile's at once, 2 the next
-    tile's before this tile's math)."""
+    codes read as such (dequant 2, or calibrated parameters) whether all loads of a
+    tile are issued before its math (prefetch) or each where it is used."""
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     dequant: int = 0
-    prefetch: int = 0
+    prefetch: bool = False
 
 
 # on CUDA: the default, and the cache dtypes that measured faster with another
 # (scripts/tune_kernels.py times the alternatives). int8 on one H200, with head-major
 # scales: 77 us at B=16, ctx=4096 (bf16: 71 us) and 288 us at B=128, ctx=512 with 32 kv
-# heads (bf16: 254 us); 2 stages would take 105 and 323 us there, but 152 against
-# 175 us at B=64, ctx=2048.
+# heads (bf16: 259 us); 2 stages would take 105 and 324 us there, but 152 against
+# 174 us at B=64, ctx=2048. With calibrated parameters (STATIC_INT8_LAUNCH) issuing a
+# tile's loads together pays: 63, 108 and 226 us (bf16: 71, 130 and 259 us); with
+# per-token scales it does not (114, 176 and 350 us).
 DEFAULT_LAUNCH = DecodeLaunch()
 LAUNCH: dict[torch.dtype, DecodeLaunch] = {
     torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2)}
+STATIC_INT8_LAUNCH = DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2,
+                                  prefetch=True)
 _CPU_LAUNCH = DecodeLaunch(block_n=16)
 
 
@@ -213,13 +201,17 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
     num_tokens, num_q, head_dim = q.shape
     page, num_kv = k_cache.shape[1], k_cache.shape[2]
     group = num_q // num_kv
-    launch = launch or (LAUNCH.get(k_cache.dtype, DEFAULT_LAUNCH) if q.is_cuda else _CPU_LAUNCH)
+    quant = k_cache.dtype == torch.int8
+    if launch is None and not q.is_cuda:
+        launch = _CPU_LAUNCH
+    elif launch is None:
+        launch = (STATIC_INT8_LAUNCH if quant and static_params is not None
+                  else LAUNCH.get(k_cache.dtype, DEFAULT_LAUNCH))
     block_n = launch.block_n
     splits = _num_splits(q, num_kv, max_seq_len, sliding_window, block_n)
     part_out = torch.empty(num_tokens, num_q, splits, head_dim, dtype=torch.float32,
                            device=q.device)
     part_lse = torch.empty(num_tokens, num_q, splits, dtype=torch.float32, device=q.device)
-    quant = k_cache.dtype == torch.int8
     ks = k_scales if quant else k_cache
     vs = v_scales if quant else v_cache
     d_pad = max(16, next_pow2(head_dim))

@@ -86,14 +86,15 @@ def tune_decode(quick: bool) -> list:
         grid = itertools.product((64, 128) if quick else (32, 64, 128),
                                  (4,) if quick else (2, 4, 8),
                                  (1, 2) if quick else (1, 2, 3, 4),
-                                 (1, 2) if quick else (0, 1, 2), (0, 1, 2))
+                                 (1, 2) if quick else (0, 1, 2), (False, True))
         # prefetching applies to the codes read as such (dequant 2)
         configs = [attention_decode.DecodeLaunch(*c) for c in grid if c[3] == 2 or not c[4]]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}", configs, run,
                           default))
-        for prefetch in (0, 1, 2):  # calibrated parameters: no per-token scales read
+        for prefetch in (False, True):  # calibrated parameters: no per-token scales read
             for stages in (1, 2):
-                launch = dataclasses.replace(default, prefetch=prefetch, num_stages=stages)
+                launch = dataclasses.replace(attention_decode.STATIC_INT8_LAUNCH,
+                                             prefetch=prefetch, num_stages=stages)
                 us = bench(lambda: attention_decode.decode_attention(
                     q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, ks, vs,
                     (0.02, 0.0, 0.02, 0.0), launch=launch))

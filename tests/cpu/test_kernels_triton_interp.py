@@ -115,7 +115,7 @@ def _attention(torch, kernels, ref, cases):
                        kernels.paged_attention(*loose), want, 2e-3, 1e-2)
             if max(qlens) == 1 and int8:  # the other int8 dequantizations of the launch table
                 from tpserve.kernels.attention_decode import DecodeLaunch, decode_attention
-                for dequant, prefetch in ((1, 0), (2, 0), (2, 1), (2, 2)):
+                for dequant, prefetch in ((1, False), (2, False), (2, True)):
                     launch = DecodeLaunch(block_n=16, dequant=dequant, prefetch=prefetch)
                     got = decode_attention(*args[:5], *args[7:], launch=launch)
                     _close(f"decode case {i} int8 {launch}", got, want, 2e-3, 1e-2)
@@ -129,7 +129,7 @@ def _attention(torch, kernels, ref, cases):
                 want = ref.paged_attention(*args)
                 got = kernels.paged_attention(*args, static_params=static)
                 _close(f"decode case {i} int8 static", got, want, 2e-3, 1e-2)
-                for prefetch in (1, 2):
+                for prefetch in (False, True):
                     got = decode_attention(*args[:5], *args[7:], static_params=static,
                                            launch=DecodeLaunch(block_n=16, prefetch=prefetch))
                     _close(f"decode case {i} int8 static prefetch={prefetch}", got, want,

@@ -78,7 +78,7 @@ def test_paged_attention(case, int8):
     want = ref.paged_attention(*args)
     _close(kernels.paged_attention(*args, static_params=static), want, 1e-2, 2e-2)
     if int8 and max(qlens) == 1:  # each way decode can read int8
-        for dequant, prefetch in ((0, 0), (1, 0), (2, 0), (2, 1), (2, 2)):
+        for dequant, prefetch in ((0, False), (1, False), (2, False), (2, True)):
             launch = DecodeLaunch(block_n=128, num_stages=1, dequant=dequant, prefetch=prefetch)
             got = decode_attention(*args[:5], *args[7:], static_params=static, launch=launch)
             _close(got, want, 1e-2, 2e-2)
