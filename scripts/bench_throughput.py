@@ -31,7 +31,8 @@ def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
     return out
 
 
-def run_tpserve(llm, reqs) -> float:
+def run_tpserve(llm, reqs) -> tuple[float, int, float]:
+    """Seconds for all requests, the engine's steps, and their mean running batch."""
     from tpserve.engine.sampling_params import SamplingParams
 
     engine = llm.engine
@@ -40,10 +41,12 @@ def run_tpserve(llm, reqs) -> float:
     for i, (ids, out_len) in enumerate(reqs):
         engine.add_request(f"tp-{i}", ids, SamplingParams(max_tokens=out_len, temperature=0,
                                                           ignore_eos=True))
+    steps = running = 0
     for _ in engine.steps():
-        pass
+        steps += 1
+        running += len(engine.scheduler.running)
     torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, steps, running / max(1, steps)
 
 
 def run_hf(model, reqs, batch: int) -> float:
@@ -97,11 +100,12 @@ def main() -> None:
               async_scheduling=not args.no_async_scheduling)
     blocks = llm.engine.pool.num_blocks
     run_tpserve(llm, workload(4, seed=1))  # warm-up
-    secs = run_tpserve(llm, reqs)
+    secs, steps, batch = run_tpserve(llm, reqs)
     out_tokens = sum(o for _, o in reqs)
     stats = llm.engine.stats()
     rows = [dict(engine=args.label, requests=len(reqs), seconds=secs, req_s=len(reqs) / secs,
-                 out_tok_s=out_tokens / secs, kv_blocks=blocks, preemptions=stats.num_preemptions)]
+                 out_tok_s=out_tokens / secs, kv_blocks=blocks, preemptions=stats.num_preemptions,
+                 steps=steps, mean_batch=batch, ms_per_step=1e3 * secs / steps)]
     llm.shutdown()
     del llm
     free_gpu_memory()
@@ -115,12 +119,13 @@ def main() -> None:
     print(f"\n{card()}  shape={args.shape} layers={cfg.num_layers} "
           f"quant_policy={args.quant_policy}")
     print(f"{'engine':<18}{'reqs':>6}{'req/s':>9}{'out tok/s':>11}{'x HF':>7}"
-          f"{'KV blocks':>10}{'preempt':>8}")
+          f"{'KV blocks':>10}{'preempt':>8}{'steps':>7}{'batch':>7}{'ms/step':>8}")
     base = rows[-1]["out_tok_s"] if rows[-1]["engine"] == "transformers" else float("nan")
     for r in rows:
         print(f"{r['engine']:<18}{r['requests']:>6}{r['req_s']:>9.2f}{r['out_tok_s']:>11.0f}"
               f"{r['out_tok_s'] / base:>7.2f}{r.get('kv_blocks', ''):>10}"
-              f"{r.get('preemptions', ''):>8}")
+              f"{r.get('preemptions', ''):>8}{r.get('steps', ''):>7}"
+              f"{r.get('mean_batch', 0):>7.1f}{r.get('ms_per_step', 0):>8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card(), rows=rows), indent=2))
 
