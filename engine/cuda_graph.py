@@ -66,7 +66,7 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             seq_lens=self.seq_lens[:size], query_start_loc=self.query_start_loc[:size + 1],
             max_query_len=1, max_seq_len=self.max_seq_len,
-            logits_indices=self.logits_indices[:size])
+            logits_indices=self.logits_indices[:size], num_decodes=size)
 
     def _capture(self, forward: Forward) -> None:
         start = time.perf_counter()

@@ -33,6 +33,8 @@ class ForwardBatch(TensorDataclass):
     # [T] int64: the previous step's sampled row that is this token, -1 where input_ids has it;
     # None when every input id is known
     fed_rows: torch.Tensor | None = None
+    # the leading requests with one new token each (attention runs them as decodes)
+    num_decodes: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -89,7 +91,19 @@ class ForwardBatch(TensorDataclass):
             seq_lens=parts[4].to(torch.int32), query_start_loc=parts[5].to(torch.int32),
             max_query_len=max((len(t) for t in token_ids), default=0),
             max_seq_len=max(seq_lens, default=0), logits_indices=parts[3],
-            fed_rows=_fed_rows(fed_rows, qsl) if fed_rows and max(fed_rows) >= 0 else None)
+            fed_rows=_fed_rows(fed_rows, qsl) if fed_rows and max(fed_rows) >= 0 else None,
+            num_decodes=_leading_ones(qsl))
+
+
+def _leading_ones(query_start_loc: list[int]) -> int:
+    """How many requests from the first have exactly one new token."""
+    n = len(query_start_loc) - 1
+    if query_start_loc[-1] == n:
+        return n
+    for b in range(n):
+        if query_start_loc[b + 1] != b + 1:
+            return b
+    return n
 
 
 def _fed_rows(rows: list[int], query_start_loc: list[int]) -> torch.Tensor:

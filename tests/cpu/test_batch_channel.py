@@ -21,7 +21,11 @@ def _batches():
     fed = ForwardBatch.build([[5], [0], [0]], [10, 70, 3], [[0], [1, 2], [3]], 64,
                              fed_rows=[-1, 2, 0])  # async scheduling: two pending tokens
     assert fed.fed_rows.tolist() == [-1, 2, 0]
-    return [decode, prefill, huge, fed, decode]
+    mixed = ForwardBatch.build([[5], [9], [4, 2, 7], [1]], [10, 70, 0, 3],
+                               [[0], [1, 2], [4], [3]], 64)
+    # the leading one-token requests, which attention runs as decodes
+    assert (decode.num_decodes, prefill.num_decodes, mixed.num_decodes) == (3, 0, 2)
+    return [decode, prefill, huge, fed, mixed, decode]
 
 
 def _same(a, b) -> bool:

@@ -61,6 +61,7 @@ ATTENTION = [  # seq_lens, query_lens, window
     ([4097, 1, 130, 2000, 64], [1, 1, 1, 1, 1], None),
     ([4500, 33, 700], [1, 1, 1], 1024),
     ([600, 4100, 77], [600, 300, 1], None),
+    ([4100, 77, 3000, 600], [1, 1, 1, 300], None),  # decodes first: run as decodes
     ([2500, 1200], [700, 1200], 512),
 ]
 
@@ -76,7 +77,9 @@ def test_paged_attention(case, int8):
                            p.k_scales, p.v_scales, static)
     args = p.attention_args() + (D ** -0.5, window, p.k_scales, p.v_scales)
     want = ref.paged_attention(*args)
-    _close(kernels.paged_attention(*args, static_params=static), want, 1e-2, 2e-2)
+    decodes = next((b for b, n in enumerate(qlens) if n != 1), len(qlens))
+    _close(kernels.paged_attention(*args, static_params=static, num_decodes=decodes), want,
+           1e-2, 2e-2)
     if int8 and max(qlens) == 1:  # each way decode can read int8
         for dequant, prefetch in ((0, False), (1, False), (2, False), (2, True)):
             launch = DecodeLaunch(block_n=128, num_stages=1, dequant=dequant, prefetch=prefetch)
