@@ -99,7 +99,9 @@ def main() -> None:
               max_batch_size=args.max_batch_size, quant_policy=args.quant_policy,
               async_scheduling=not args.no_async_scheduling)
     blocks = llm.engine.pool.num_blocks
-    run_tpserve(llm, workload(4, seed=1))  # warm-up
+    # warm-up: enough requests for mixed steps of many sizes, so that Triton compiles
+    # its kernels' variants here and not inside the timed run
+    run_tpserve(llm, workload(min(64, args.num_prompts), seed=1))
     secs, steps, batch = run_tpserve(llm, reqs)
     out_tokens = sum(o for _, o in reqs)
     stats = llm.engine.stats()

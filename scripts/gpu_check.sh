@@ -87,12 +87,14 @@ for part in "${parts[@]}"; do
     static="$scratch/l2kv"
     [ -d "$static" ] || { cp -al "$ws" "$static" && python3 scripts/bench_common.py "$static" \
       --kv-qparams > "$out/ws_l2kv.log" 2>&1; }
-    # KV_REPEAT=N runs the three N times, interleaved (run-to-run spread is ~10%)
+    # KV_REPEAT=N runs the three N times, interleaved; KV_PROMPTS requests a run (2048:
+    # long enough that most of it runs at the cache's capacity, not ramping up or draining)
     for i in $(seq "${KV_REPEAT:-1}"); do
       for run in "0 $ws bf16" "8 $ws int8-online" "8 $static int8-calibrated"; do
         set -- $run
         python3 scripts/bench_throughput.py --shape llama2-7b --workspace "$2" \
-          --num-prompts 512 --max-batch-size 512 --cache-max-entry-count "$frac" \
+          --num-prompts "${KV_PROMPTS:-2048}" --max-batch-size 512 \
+          --cache-max-entry-count "$frac" \
           --quant-policy "$1" --label "kv $3" --no-baseline --json "$out/kv_$3_$i.json" 2>&1 \
           | tail -1
       done
