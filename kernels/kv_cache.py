@@ -127,6 +127,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     _store_kv_kernel[(k.shape[0],)](
         k, v, k_cache, v_cache, ks, vs, slot_mapping, k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
-        ks.stride(0), ks.stride(1), ks.stride(2), k_cache.shape[1], num_heads, head_dim, *[float(p) for p in params],
+        ks.stride(0), ks.stride(1), ks.stride(2), k_cache.shape[1], num_heads, head_dim,
+        *[float(p) for p in params],
         QUANT=quant, STATIC=static_params is not None, HEADS=next_pow2(num_heads),
         D_PAD=next_pow2(head_dim), num_warps=4)
