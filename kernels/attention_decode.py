@@ -22,7 +22,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .paged_kv import load_kv_scales, load_kv_tile, online_softmax_step
+    from .paged_kv import kv_scales_at, load_kv_scales, load_kv_tile, online_softmax_step
 
     @triton.jit
     def _int8_tile_loads(kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, valid, kvh,
@@ -41,11 +41,8 @@ if HAS_TRITON:
         v_scale = k_scale
         v_zp = k_scale
         if not STATIC:
-            sb = page * s_sb + in_page * s_ss + kvh * s_sh
-            k_scale = tl.load(ks_ptr + sb, mask=valid, other=0.0)
-            k_zp = tl.load(ks_ptr + sb + 1, mask=valid, other=0.0)
-            v_scale = tl.load(vs_ptr + sb, mask=valid, other=0.0)
-            v_zp = tl.load(vs_ptr + sb + 1, mask=valid, other=0.0)
+            k_scale, k_zp = kv_scales_at(ks_ptr, page, in_page, valid, kvh, s_sb, s_ss, s_sh)
+            v_scale, v_zp = kv_scales_at(vs_ptr, page, in_page, valid, kvh, s_sb, s_ss, s_sh)
         return k, v, k_scale, k_zp, v_scale, v_zp
 
     @triton.jit

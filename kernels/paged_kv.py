@@ -9,14 +9,23 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def load_kv_scales(scales_ptr, table_ptr, offs, valid, kv_head, sstride_b, sstride_s,
-                       sstride_h, PAGE: tl.constexpr):
-        """(scale, zero point) float32 [len(offs)] of an int8 cache's tokens; 0 where invalid."""
-        page = tl.load(table_ptr + offs // PAGE, mask=valid, other=0).to(tl.int64)
-        sbase = page * sstride_b + (offs % PAGE).to(tl.int64) * sstride_s + kv_head * sstride_h
+    def kv_scales_at(scales_ptr, page, in_page, valid, kv_head, sstride_b, sstride_s,
+                     sstride_h):
+        """(scale, zero point) float32 of an int8 cache's tokens at slot ``in_page`` of
+        cache block ``page`` (int64 tensors); 0 where invalid."""
+        sbase = page * sstride_b + in_page * sstride_s + kv_head * sstride_h
         scale = tl.load(scales_ptr + sbase, mask=valid, other=0).to(tl.float32)
         zp = tl.load(scales_ptr + sbase + 1, mask=valid, other=0).to(tl.float32)
         return scale, zp
+
+    @triton.jit
+    def load_kv_scales(scales_ptr, table_ptr, offs, valid, kv_head, sstride_b, sstride_s,
+                       sstride_h, PAGE: tl.constexpr):
+        """(scale, zero point) float32 [len(offs)] of an int8 cache's tokens at positions
+        ``offs`` of a request; 0 where invalid."""
+        page = tl.load(table_ptr + offs // PAGE, mask=valid, other=0).to(tl.int64)
+        return kv_scales_at(scales_ptr, page, (offs % PAGE).to(tl.int64), valid, kv_head,
+                            sstride_b, sstride_s, sstride_h)
 
     @triton.jit
     def load_kv_tile(cache_ptr, scales_ptr, table_ptr, offs, valid, kv_head,
