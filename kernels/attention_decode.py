@@ -25,6 +25,21 @@ if HAS_TRITON:
     from .paged_kv import kv_scales_at, load_kv_scales, load_kv_tile, online_softmax_step
 
     @triton.jit
+    def _split_range(seq_lens_ptr, b, split, window, BLOCK_N: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr):
+        """(first visible token, begin, end) of request b's split: its visible context
+        cut into tl.num_programs(2) equal runs of whole tiles."""
+        seq_len = tl.load(seq_lens_ptr + b)
+        kv_start = 0
+        if HAS_WINDOW:
+            kv_start = tl.maximum(seq_len - window, 0)
+        first = (kv_start // BLOCK_N) * BLOCK_N
+        tiles = tl.cdiv(seq_len - first, BLOCK_N)
+        tokens_per_split = tl.cdiv(tiles, tl.num_programs(2)) * BLOCK_N
+        begin = first + split * tokens_per_split
+        return kv_start, begin, tl.minimum(seq_len, begin + tokens_per_split)
+
+    @triton.jit
     def _int8_tile_loads(kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, valid, kvh,
                          s_kb, s_ks, s_kh, s_sb, s_ss, s_sh, cols, dmask,
                          PAGE: tl.constexpr, STATIC: tl.constexpr):
@@ -58,15 +73,8 @@ if HAS_TRITON:
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        seq_len = tl.load(seq_lens_ptr + b)
-        kv_start = 0
-        if HAS_WINDOW:
-            kv_start = tl.maximum(seq_len - window, 0)
-        first = (kv_start // BLOCK_N) * BLOCK_N
-        tiles = tl.cdiv(seq_len - first, BLOCK_N)
-        tokens_per_split = tl.cdiv(tiles, tl.num_programs(2)) * BLOCK_N
-        begin = first + split * tokens_per_split
-        end = tl.minimum(seq_len, begin + tokens_per_split)
+        kv_start, begin, end = _split_range(seq_lens_ptr, b, split, window, BLOCK_N,
+                                            HAS_WINDOW)
 
         g = tl.arange(0, GROUP_PAD)
         heads = kvh * GROUP + g
@@ -131,6 +139,77 @@ if HAS_TRITON:
         tl.store(pl_ptr + b * s_pl_b + heads * s_pl_h + split, lse, mask=g < GROUP)
 
     @triton.jit
+    def _int8_to_float(c):
+        """int8 codes -> float32 without int-to-float conversions (a slow unit on GPUs):
+        byte u = c + 128 in the low mantissa bits of 2^23 gives 2^23 + u exactly."""
+        bits = (c.to(tl.int32) & 0xFF) ^ 0x4B000080
+        return bits.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+
+    @triton.jit
+    def _decode_mha_int8_kernel(
+            q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, po_ptr, pl_ptr,
+            scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
+            s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, head_dim,
+            k_scale_c, k_zp_c, v_scale_c, v_zp_c,
+            D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+            HAS_WINDOW: tl.constexpr, STATIC: tl.constexpr):
+        """`_decode_split_kernel` for an int8 cache with one query head per kv head (MHA):
+        with a single query row, tensor-core tiles would be 15/16 padding and their
+        operand copies cost registers, so the dot products run on CUDA cores. The
+        values' weighted sum stays per (token row, column) in registers and is reduced
+        once at the end; each key's and value's (scale, zero point) folds into the
+        score and the weight: p . (c * s + z) = (p * s) . c + sum(p * z)."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_start, begin, end = _split_range(seq_lens_ptr, b, split, window, BLOCK_N,
+                                            HAS_WINDOW)
+
+        cols = tl.arange(0, D_PAD)
+        dmask = cols < head_dim
+        q = tl.load(q_ptr + b * sq_t + h * sq_h + cols, mask=dmask, other=0.0).to(tl.float32)
+        q_sum = tl.sum(q, axis=0)
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], tl.float32)
+        z_acc = tl.zeros([1], tl.float32)  # sum of p * value zero point (per-token scales)
+        acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        table = table_ptr + b * s_tab
+        for n0 in range(begin, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            valid = (offs < end) & (offs >= kv_start)
+            page = tl.load(table + offs // PAGE, mask=valid, other=0).to(tl.int64)
+            in_page = (offs % PAGE).to(tl.int64)
+            base = (page * s_kb + in_page * s_ks + h * s_kh)[:, None] + cols[None, :]
+            mask = valid[:, None] & dmask[None, :]
+            kc = tl.load(kc_ptr + base, mask=mask, other=0)
+            vc = tl.load(vc_ptr + base, mask=mask, other=0)
+            s = tl.sum(_int8_to_float(kc) * q[None, :], axis=1)
+            if STATIC:
+                s = s * k_scale_c + q_sum * k_zp_c
+            else:
+                k_scale, k_zp = kv_scales_at(ks_ptr, page, in_page, valid, h, s_sb, s_ss, s_sh)
+                s = s * k_scale + q_sum * k_zp
+            s = tl.where(valid, s * scale_log2, float("-inf"))
+            p, alpha, m_i, l_i = online_softmax_step(s[None, :], m_i, l_i)
+            p = tl.reshape(p, [BLOCK_N])
+            if not STATIC:
+                v_scale, v_zp = kv_scales_at(vs_ptr, page, in_page, valid, h, s_sb, s_ss, s_sh)
+                z_acc = z_acc * alpha + tl.sum(p * v_zp, axis=0)
+                p = p * v_scale
+            if tl.min(alpha, axis=0) < 1.0:  # the running max moved: rescale (often it did not)
+                acc = acc * alpha[:, None]
+            acc += p[:, None] * _int8_to_float(vc)
+
+        out = tl.sum(acc, axis=0)[None, :] + z_acc[:, None]
+        out = out / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        if STATIC:
+            out = out * v_scale_c + tl.where(l_i > 0, v_zp_c, 0.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        po = po_ptr + b * s_po_b + h * s_po_h + split * s_po_s + cols[None, :]
+        tl.store(po, out, mask=dmask[None, :])
+        tl.store(pl_ptr + b * s_pl_b + h * s_pl_h + split + tl.arange(0, 1), lse)
+
+    @triton.jit
     def _decode_reduce_kernel(po_ptr, pl_ptr, out_ptr, num_splits, s_po_b, s_po_h, s_po_s,
                               s_pl_b, s_pl_h, so_t, so_h, head_dim,
                               SPLITS_PAD: tl.constexpr, D_PAD: tl.constexpr):
@@ -166,12 +245,15 @@ class DecodeLaunch:
     int8 cache how it dequantizes (`paged_kv.load_kv_tile`'s DEQUANT: 0 in float32,
     1 in the query's dtype, 2 keys folded into the scores and values as 1), and for
     codes read as such (dequant 2, or calibrated parameters) whether all loads of a
-    tile are issued before its math (prefetch) or each where it is used."""
+    tile are issued before its math (prefetch) or each where it is used. cuda_cores
+    (an int8 cache with one query head per kv head) runs `_decode_mha_int8_kernel`
+    instead; dequant and prefetch then do not apply."""
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     dequant: int = 0
     prefetch: bool = False
+    cuda_cores: bool = False  # int8 MHA only: `_decode_mha_int8_kernel`
 
 
 # on CUDA: the default, and the cache dtypes that measured faster with another
@@ -186,6 +268,19 @@ LAUNCH: dict[torch.dtype, DecodeLaunch] = {
     torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2)}
 STATIC_INT8_LAUNCH = DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2,
                                   prefetch=True)
+
+
+def mha_int8_launch(programs: int) -> DecodeLaunch:
+    """int8 MHA with per-token scales: `_decode_mha_int8_kernel`, two warps a program
+    where programs are many. One H200, 32 heads: 261 against 290 us (tensor cores) at
+    B=128, ctx=512; 262 against 304 at B=256, ctx=256; with four warps 272 against 299
+    at B=32, ctx=2048 and 140 against 182 at B=8, ctx=4096. With calibrated parameters
+    it was mixed (208 against 230 us at B=32, ctx=2048, but 265 against 239 at B=256,
+    ctx=256), so those keep STATIC_INT8_LAUNCH."""
+    return DecodeLaunch(block_n=32, num_warps=2 if programs >= 2048 else 4, num_stages=1,
+                        cuda_cores=True)
+
+
 _CPU_LAUNCH = DecodeLaunch(block_n=16)
 
 
@@ -199,7 +294,9 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
     page, num_kv = k_cache.shape[1], k_cache.shape[2]
     group = num_q // num_kv
     quant = k_cache.dtype == torch.int8
-    if launch is None and not q.is_cuda:
+    if launch is None and quant and group == 1 and static_params is None:
+        launch = mha_int8_launch(num_tokens * num_kv)  # on CPU too: the tests see this choice
+    elif launch is None and not q.is_cuda:
         launch = _CPU_LAUNCH
     elif launch is None:
         launch = (STATIC_INT8_LAUNCH if quant and static_params is not None
@@ -212,20 +309,26 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
     ks = k_scales if quant else k_cache
     vs = v_scales if quant else v_cache
     d_pad = max(16, next_pow2(head_dim))
-    _decode_split_kernel[(num_tokens, num_kv, splits)](
-        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_out, part_lse,
-        scale * math.log2(math.e), sliding_window or 0,
-        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1), head_dim,
-        *[float(x) for x in (static_params or (1.0, 0.0, 1.0, 0.0))],
-        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad, BLOCK_N=block_n,
-        PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
-        DEQUANT=launch.dequant if quant else 0, STATIC=quant and static_params is not None,
-        PREFETCH=launch.prefetch,
-        num_warps=launch.num_warps,
-        num_stages=launch.num_stages)
+    args = (q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_out, part_lse,
+            scale * math.log2(math.e), sliding_window or 0,
+            q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+            part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1), head_dim,
+            *[float(x) for x in (static_params or (1.0, 0.0, 1.0, 0.0))])
+    grid = (num_tokens, num_kv, splits)
+    static = quant and static_params is not None
+    if quant and group == 1 and launch.cuda_cores:
+        _decode_mha_int8_kernel[grid](
+            *args, D_PAD=d_pad, BLOCK_N=block_n, PAGE=page,
+            HAS_WINDOW=sliding_window is not None, STATIC=static,
+            num_warps=launch.num_warps, num_stages=launch.num_stages)
+    else:
+        _decode_split_kernel[grid](
+            *args, GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad,
+            BLOCK_N=block_n, PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
+            DEQUANT=launch.dequant if quant else 0, STATIC=static, PREFETCH=launch.prefetch,
+            num_warps=launch.num_warps, num_stages=launch.num_stages)
     out = torch.empty_like(q)
     _decode_reduce_kernel[(num_tokens, num_q)](
         part_out, part_lse, out, splits, part_out.stride(0), part_out.stride(1),

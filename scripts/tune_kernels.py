@@ -5,7 +5,8 @@
 
 - int8-KV decode attention (kernels/attention_decode.py, `LAUNCH`): keys per
   tile, warps, stages and the way it dequantizes, at the Llama-3-8B head layout
-  (32 q heads, 8 kv heads) and the Llama-2-7B one (32 and 32), head dim 128,
+  (32 q heads, 8 kv heads) and the Llama-2-7B one (32 and 32; there also the
+  CUDA-core kernel of `mha_int8_launch`, the default for MHA), head dim 128,
   64-token pages, with the scales laid out as the engine does (head-major within
   a block); the bf16 cache and token-major scales are timed beside it at the
   default launch;
@@ -71,7 +72,9 @@ def tune_decode(quick: bool) -> list:
         bf16_us = bench(lambda: attention_decode.decode_attention(
             q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, None, None))
         print(f"bf16 decode B={batch} ctx={ctx} kv heads={nkv}: {bf16_us:.1f} us", flush=True)
-        default = attention_decode.LAUNCH.get(torch.int8, attention_decode.DEFAULT_LAUNCH)
+        mha = nkv == NQ  # int8 MHA with per-token scales defaults to the CUDA-core kernel
+        default = (attention_decode.mha_int8_launch(batch * nkv) if mha else
+                   attention_decode.LAUNCH.get(torch.int8, attention_decode.DEFAULT_LAUNCH))
         kc, vc, ks, vs, tables = paged_cache(batch, ctx, True, nkv, head_major_scales=False)
         us = bench(lambda: attention_decode.decode_attention(
             q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, ks, vs, launch=default))
@@ -89,6 +92,9 @@ def tune_decode(quick: bool) -> list:
                                  (1, 2) if quick else (0, 1, 2), (False, True))
         # prefetching applies to the codes read as such (dequant 2)
         configs = [attention_decode.DecodeLaunch(*c) for c in grid if c[3] == 2 or not c[4]]
+        if mha:
+            configs += [attention_decode.DecodeLaunch(n, w, st, cuda_cores=True)
+                        for n, w, st in itertools.product((32, 64, 128), (2, 4, 8), (1, 2))]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}", configs, run,
                           default))
         for prefetch in (False, True):  # calibrated parameters: no per-token scales read

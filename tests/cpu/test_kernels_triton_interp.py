@@ -89,6 +89,7 @@ ATTN_CASES = [  # seq_lens, query_lens, nq, nkv, head_dim, window
     ([16, 33, 5], [1, 1, 1], 4, 4, 16, None),
     ([70, 9], [1, 1], 8, 2, 32, 20),
     ([1, 64, 31], [1, 1, 1], 4, 1, 32, None),
+    ([90, 3, 41], [1, 1, 1], 2, 2, 32, 30),  # MHA with a window
 ]
 PREFILL_CASES = [
     ([23, 40, 1], [23, 17, 1], 8, 2, 32, None),   # fresh prompt, cached prefix + chunk, decode
@@ -118,8 +119,11 @@ def _attention(torch, kernels, ref, cases):
                        kernels.paged_attention(*loose), want, 2e-3, 1e-2)
             if max(qlens) == 1 and int8:  # the other int8 dequantizations of the launch table
                 from tpserve.kernels.attention_decode import DecodeLaunch, decode_attention
-                for dequant, prefetch in ((1, False), (2, False), (2, True)):
-                    launch = DecodeLaunch(block_n=16, dequant=dequant, prefetch=prefetch)
+                launches = [DecodeLaunch(block_n=16, dequant=dequant, prefetch=prefetch)
+                            for dequant, prefetch in ((1, False), (2, False), (2, True))]
+                if nq == nkv:  # MHA: the CUDA-core kernel
+                    launches.append(DecodeLaunch(block_n=16, cuda_cores=True))
+                for launch in launches:
                     got = decode_attention(*args[:5], *args[7:], launch=launch)
                     _close(f"decode case {i} int8 {launch}", got, want, 2e-3, 1e-2)
                 # calibrated parameters: decode applies them without reading per-token scales
@@ -132,11 +136,13 @@ def _attention(torch, kernels, ref, cases):
                 want = ref.paged_attention(*args)
                 got = kernels.paged_attention(*args, static_params=static)
                 _close(f"decode case {i} int8 static", got, want, 2e-3, 1e-2)
-                for prefetch in (False, True):
+                launches = [DecodeLaunch(block_n=16, prefetch=prefetch) for prefetch in (0, 1)]
+                if nq == nkv:
+                    launches.append(DecodeLaunch(block_n=16, cuda_cores=True))
+                for launch in launches:
                     got = decode_attention(*args[:5], *args[7:], static_params=static,
-                                           launch=DecodeLaunch(block_n=16, prefetch=prefetch))
-                    _close(f"decode case {i} int8 static prefetch={prefetch}", got, want,
-                           2e-3, 1e-2)
+                                           launch=launch)
+                    _close(f"decode case {i} int8 static {launch}", got, want, 2e-3, 1e-2)
                 p.k_scales.zero_()  # proves the scales are not read
                 p.v_scales.zero_()
                 _close(f"decode case {i} int8 static, scales unread",
