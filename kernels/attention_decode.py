@@ -177,23 +177,18 @@ if HAS_TRITON:
         for n0 in range(begin, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             valid = (offs < end) & (offs >= kv_start)
-            page = tl.load(table + offs // PAGE, mask=valid, other=0).to(tl.int64)
-            in_page = (offs % PAGE).to(tl.int64)
-            base = (page * s_kb + in_page * s_ks + h * s_kh)[:, None] + cols[None, :]
-            mask = valid[:, None] & dmask[None, :]
-            kc = tl.load(kc_ptr + base, mask=mask, other=0)
-            vc = tl.load(vc_ptr + base, mask=mask, other=0)
+            kc, vc, k_scale, k_zp, v_scale, v_zp = _int8_tile_loads(
+                kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, valid, h, s_kb, s_ks, s_kh,
+                s_sb, s_ss, s_sh, cols, dmask, PAGE, STATIC)
             s = tl.sum(_int8_to_float(kc) * q[None, :], axis=1)
             if STATIC:
                 s = s * k_scale_c + q_sum * k_zp_c
             else:
-                k_scale, k_zp = kv_scales_at(ks_ptr, page, in_page, valid, h, s_sb, s_ss, s_sh)
                 s = s * k_scale + q_sum * k_zp
             s = tl.where(valid, s * scale_log2, float("-inf"))
             p, alpha, m_i, l_i = online_softmax_step(s[None, :], m_i, l_i)
             p = tl.reshape(p, [BLOCK_N])
             if not STATIC:
-                v_scale, v_zp = kv_scales_at(vs_ptr, page, in_page, valid, h, s_sb, s_ss, s_sh)
                 z_acc = z_acc * alpha + tl.sum(p * v_zp, axis=0)
                 p = p * v_scale
             if tl.min(alpha, axis=0) < 1.0:  # the running max moved: rescale (often it did not)
