@@ -48,7 +48,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-policy", type=int, default=None, choices=(0, 4, 8),
                    help="8 (or LMDeploy's 4): int8 KV cache; 0: off")
     g.add_argument("--eager-mode", type=str2bool, nargs="?", const=True, default=None,
-                   help="run decode without CUDA graphs (slower; for debugging)")
+                   help="run without CUDA graphs (slower; for debugging)")
     g.add_argument("--async-scheduling", type=str2bool, nargs="?", const=True, default=None,
                    help="schedule each step while the previous one runs (default: True)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))

@@ -106,7 +106,7 @@ class EngineConfig:
     cache_block_seq_len: int = 64
     quant_policy: int = 0
     enable_prefix_caching: bool = True
-    eager_mode: bool = False  # True: no CUDA graphs for decode (slower; for debugging)
+    eager_mode: bool = False  # True: no CUDA graphs (slower; for debugging)
     # schedule step t+1 while step t runs (llm_engine.py); False: one step at a time
     async_scheduling: bool = True
     dtype: str = "auto"

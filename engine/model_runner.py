@@ -13,6 +13,8 @@ from ..parallel.comm import LocalGroup, TPGroup
 from ..parallel.process_group import min_over_ranks
 from .config import EngineConfig, WorkspaceMeta
 from .cuda_graph import DecodeGraphs
+from .mixed_graphs import MAX_TOKENS as MIXED_GRAPH_TOKENS
+from .mixed_graphs import MixedGraphs
 from .errors import ConfigError
 from .forward_batch import ForwardBatch
 from .kv_cache import KVCache
@@ -75,11 +77,15 @@ class ModelRunner:
         self._fed_buffer = torch.zeros(config.max_batch_size, dtype=torch.int64,
                                        device=self.device) if group.world_size > 1 else None
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         if self.device.type == "cuda" and not config.eager_mode:
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(self._forward, self.device, config.max_batch_size,
                                            math.ceil(config.session_len / self.block_size) + 1,
                                            config.session_len)
+                self.mixed_graphs = MixedGraphs(
+                    self.model, self.kv_cache, self.device, self.dtype,
+                    min(MIXED_GRAPH_TOKENS, config.max_prefill_tokens))
 
     def _count_blocks(self, per_block: int) -> int:
         c = self.config
@@ -105,12 +111,17 @@ class ModelRunner:
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """[S, vocab_size] float32 next-token logits, one row per batch.logits_indices entry.
         Decode batches replay a CUDA graph when there is one (the rows are then a view
-        valid until the next step)."""
+        valid until the next step); other steps of up to MIXED_GRAPH_TOKENS tokens replay
+        graphs in pieces, with attention run between them (mixed_graphs.py)."""
         if batch.fed_rows is not None:
             batch = self._feed(batch)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
-        return self._forward(batch.to(self.device, non_blocking=True))
+        batch = batch.to(self.device, non_blocking=True)
+        if self.mixed_graphs is not None and self.mixed_graphs.can_run(batch):
+            hidden = self.mixed_graphs.run(batch)
+            return self.model.compute_logits(hidden[batch.logits_indices])
+        return self._forward(batch)
 
     def _feed(self, batch: ForwardBatch) -> ForwardBatch:
         """The batch with its pending input ids taken from the last step's samples, on

@@ -86,6 +86,8 @@ def main() -> None:
     p.add_argument("--workspace", default=None)
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="one step at a time (the next is scheduled once the last is read)")
+    p.add_argument("--no-mixed-graphs", action="store_true",
+                   help="launch steps that are not pure decodes eagerly (tp=1; for comparison)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -99,6 +101,8 @@ def main() -> None:
               max_batch_size=args.max_batch_size, quant_policy=args.quant_policy,
               async_scheduling=not args.no_async_scheduling)
     blocks = llm.engine.pool.num_blocks
+    if args.no_mixed_graphs:
+        llm.executor.mixed_graphs = None
     # warm-up: enough requests for mixed steps of many sizes, so that Triton compiles
     # its kernels' variants here and not inside the timed run
     run_tpserve(llm, workload(min(64, args.num_prompts), seed=1))

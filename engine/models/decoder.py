@@ -51,8 +51,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
         self.split = (q, kv, kv)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cos_sin: torch.Tensor,
-                kv: LayerKV) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                cos_sin: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+        """The rotated queries [t, heads, head_dim]; the tokens' keys and values go to
+        the cache (padding tokens, slot -1, write nothing)."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
@@ -61,14 +63,18 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(k.shape)
-        q, k = apply_rotary(q, k, batch.positions, cos_sin)
-        store_kv_cache(k, v, kv.k, kv.v, batch.slot_mapping, kv.k_scales, kv.v_scales,
+        q, k = apply_rotary(q, k, positions, cos_sin)
+        store_kv_cache(k, v, kv.k, kv.v, slot_mapping, kv.k_scales, kv.v_scales,
                        kv.static_params)
+        return q
+
+    def attend(self, q: torch.Tensor, batch: ForwardBatch, kv: LayerKV) -> torch.Tensor:
+        """[t, heads * head_dim]: each request's queries over its cached context."""
         out = paged_attention(q, kv.k, kv.v, batch.block_tables, batch.seq_lens,
                               batch.query_start_loc, batch.max_query_len, batch.max_seq_len,
                               self.scale, self.sliding_window, kv.k_scales, kv.v_scales,
                               kv.static_params, batch.num_decodes)
-        return self.o_proj(out.reshape(t, -1))
+        return out.reshape(q.shape[0], -1)
 
 
 class MLP(nn.Module):
@@ -92,13 +98,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, plan, method, dtype, group)
 
-    def forward(self, x, residual, batch, cos_sin, kv):
+    def pre_attention(self, x, residual, positions, slot_mapping, cos_sin, kv):
+        """(queries, residual): the input norm and the q/k/v projection, K and V cached."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, batch, cos_sin, kv)
-        x, residual = self.post_attention_layernorm(x, residual)
+        return self.self_attn.project(x, positions, slot_mapping, cos_sin, kv), residual
+
+    def post_attention(self, attn, residual):
+        """(output, residual): the output projection, the second norm and the MLP."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn), residual)
         return self.mlp(x), residual
 
 
@@ -121,13 +131,42 @@ class DecoderModel(nn.Module):
         self.register_buffer("cos_sin", build_cos_sin_cache(inv_freq, positions, scaling),
                              persistent=False)
 
+    @property
+    def num_pieces(self) -> int:
+        return len(self.layers) + 1
+
+    def piece(self, i: int, x: torch.Tensor, residual: torch.Tensor | None,
+              positions: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: KVCache):
+        """Piece i of a forward cut at its attention calls, the only work that depends on
+        how the tokens split into requests (CUDA graphs capture the pieces of a step
+        that is not a pure decode; attention runs between them).
+
+        Piece 0 takes the input ids as x; piece i in 1..L takes layer i-1's attention
+        output and that layer's residual. Pieces 0..L-1 return (queries of layer i,
+        residual) with layer i's K/V cached; piece L returns (final hidden states, None).
+        """
+        if i == 0:
+            x = self.embed_tokens(x)
+        else:
+            x, residual = self.layers[i - 1].post_attention(x, residual)
+        if i == len(self.layers):
+            return self.norm(x, residual)[0], None
+        return self.layers[i].pre_attention(x, residual, positions, slot_mapping, self.cos_sin,
+                                            kv_cache.layer(i))
+
+    def attend(self, i: int, q: torch.Tensor, batch: ForwardBatch,
+               kv_cache: KVCache) -> torch.Tensor:
+        """Layer i's attention: [t, heads * head_dim]."""
+        return self.layers[i].self_attn.attend(q, batch, kv_cache.layer(i))
+
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)
-        residual = None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, batch, self.cos_sin, kv_cache.layer(i))
-        x, _ = self.norm(x, residual)
-        return x
+        x, residual = batch.input_ids, None
+        for i in range(len(self.layers)):
+            q, residual = self.piece(i, x, residual, batch.positions, batch.slot_mapping,
+                                     kv_cache)
+            x = self.attend(i, q, batch, kv_cache)
+        return self.piece(len(self.layers), x, residual, batch.positions, batch.slot_mapping,
+                          kv_cache)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab_size] float32, whole vocab on every rank."""

@@ -56,11 +56,44 @@ def test_cuda_graphs_equal_eager(real_width):
         llm = LLM(ws, eager_mode=eager, **options)
         try:
             assert (llm.executor.graphs is None) == eager
+            assert (llm.executor.mixed_graphs is None) == eager
             runs[eager] = greedy(llm, prompts, 32)
         finally:
             llm.shutdown()
     same = sum(a == b for a, b in zip(runs[True], runs[False]))
     assert same == len(prompts), f"{len(prompts) - same} of {len(prompts)} rows differ"
+
+
+def test_mixed_graphs_equal_eager_forward(real_width):
+    """A step of decodes beside prompt chunks (36 tokens, padded to a 48-token graph)
+    gives the eager forward's logits through the graphs captured in pieces."""
+    from tpserve.engine.forward_batch import ForwardBatch
+
+    ws, _ = real_width
+    torch.backends.cuda.matmul.allow_tf32 = False
+    llm = LLM(ws, **OPTIONS)
+    try:
+        runner = llm.executor
+        assert runner.mixed_graphs is not None
+        gen = torch.Generator().manual_seed(3)
+        lens = [40, 70, 5, 30, 77]  # contexts already cached
+        tables = [list(range(4 * b + 1, 4 * b + 5)) for b in range(len(lens))]
+        ids = [torch.randint(0, 4000, (n + 20,), generator=gen).tolist() for n in lens]
+        first = ForwardBatch.build([x[:n] for x, n in zip(ids, lens)], [0] * len(lens),
+                                   tables, 64)
+        with torch.inference_mode():
+            runner._forward(first.to(runner.device))  # eager: fills the cache
+        # three decodes, then two prompt chunks of 20 and 13 tokens
+        new = [ids[0][40:41], ids[1][70:71], ids[2][5:6], ids[3][30:50], ids[4][77:90]]
+        batch = ForwardBatch.build(new, lens, tables, 64, want_logits=[True] * 4 + [False])
+        assert batch.num_decodes == 3 and batch.num_tokens == 36
+        with torch.inference_mode():
+            graphed = runner.execute(batch).clone()
+            eager = runner._forward(batch.to(runner.device))
+        assert graphed.shape == eager.shape == (4, 128256)
+        torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+    finally:
+        llm.shutdown()
 
 
 def test_async_scheduling_equals_one_step_at_a_time(real_width):
