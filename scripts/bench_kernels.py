@@ -23,6 +23,9 @@ ROWS: list[tuple[str, float, str]] = []
 def bench(fn) -> float:
     """Median GPU milliseconds, replayed from a CUDA graph so launch overhead is excluded."""
     fn()
+    # do_bench_cudagraph runs fn on a stream of its own, which does not wait for the
+    # inputs made on this one: without this, it may read a block table not yet written
+    torch.cuda.synchronize()
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     except Exception:  # not capturable: fall back to eager timing

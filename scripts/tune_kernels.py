@@ -6,7 +6,7 @@
 - int8-KV decode attention (kernels/attention_decode.py, `LAUNCH`): keys per
   tile, warps, stages and the way it dequantizes, at the Llama-3-8B head layout
   (32 q heads, 8 kv heads) and the Llama-2-7B one (32 and 32; there also the
-  CUDA-core kernel of `mha_int8_launch`, the default for MHA), head dim 128,
+  CUDA-core kernel of `MHA_INT8_LAUNCH`, the default for MHA), head dim 128,
   64-token pages, with the scales laid out as the engine does (head-major within
   a block); the bf16 cache and token-major scales are timed beside it at the
   default launch;
@@ -40,6 +40,9 @@ BF16 = dict(dtype=torch.bfloat16, device="cuda")
 def bench(fn) -> float:
     """Median microseconds, replayed from a CUDA graph (no launch overhead)."""
     fn()
+    # do_bench_cudagraph runs fn on a stream of its own, which does not wait for the
+    # inputs made on this one: without this, it may read a block table not yet written
+    torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
 
 
@@ -73,7 +76,7 @@ def tune_decode(quick: bool) -> list:
             q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, None, None))
         print(f"bf16 decode B={batch} ctx={ctx} kv heads={nkv}: {bf16_us:.1f} us", flush=True)
         mha = nkv == NQ  # int8 MHA with per-token scales defaults to the CUDA-core kernel
-        default = (attention_decode.mha_int8_launch(batch * nkv) if mha else
+        default = (attention_decode.MHA_INT8_LAUNCH if mha else
                    attention_decode.LAUNCH.get(torch.int8, attention_decode.DEFAULT_LAUNCH))
         kc, vc, ks, vs, tables = paged_cache(batch, ctx, True, nkv, head_major_scales=False)
         us = bench(lambda: attention_decode.decode_attention(
