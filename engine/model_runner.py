@@ -1,6 +1,7 @@
 """One rank's model and KV cache: takes a ForwardBatch, returns next-token logits."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -79,7 +80,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         if self.device.type == "cuda" and not config.eager_mode:
-            with torch.inference_mode():
+            with torch.inference_mode(), explain_capture_oom(config):
                 self.graphs = DecodeGraphs(self._forward, self.device, config.max_batch_size,
                                            math.ceil(config.session_len / self.block_size) + 1,
                                            config.session_len)
@@ -185,6 +186,22 @@ class Launched:
         if self._copied is not None:
             self._copied.synchronize()
         return self._sampled
+
+
+@contextlib.contextmanager
+def explain_capture_oom(config: EngineConfig):
+    """Turns running out of device memory while capturing CUDA graphs (the KV cache
+    took what they needed) into an error that says what to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        share = config.cache_max_entry_count
+        took = f"{share:g} of the free memory" if share < 1 else f"{int(share)} blocks"
+        raise ConfigError(
+            f"out of device memory while capturing CUDA graphs after the KV cache took {took}"
+            "; lower "
+            "--cache-max-entry-count, --max-batch-size or --max-prefill-tokens, or pass "
+            "--eager-mode") from exc
 
 
 def _pinned_copy(x: torch.Tensor) -> torch.Tensor:

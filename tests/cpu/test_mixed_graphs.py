@@ -52,3 +52,16 @@ def test_pieces_equal_eager_forward(family, tiny_workspace):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # exactly the blocks of the step's real tokens changed (padding rows have slot -1)
     assert written == [{1, 6, 9, 14}] * len(written)
+
+
+def test_running_out_of_memory_while_capturing_says_what_to_change():
+    from tpserve.engine.errors import ConfigError
+    from tpserve.engine.model_runner import explain_capture_oom
+
+    config = EngineConfig(cache_max_entry_count=0.97)
+    with pytest.raises(ConfigError, match=r"0\.97.*--cache-max-entry-count.*--eager-mode"):
+        with explain_capture_oom(config):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(ValueError):  # anything else passes through
+        with explain_capture_oom(config):
+            raise ValueError("not memory")
