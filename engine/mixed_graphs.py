@@ -13,7 +13,9 @@ tokens pads to the smallest bucket T >= t (the padding tokens write no KV, slot
 the step's real rows: three kernel launches a layer instead of about fifteen.
 The pieces hand over through static buffers (queries, attention output, residual).
 With `capture=False` (CPU) the pieces run directly on the same buffers: the
-padding and hand-overs are then testable without a GPU.
+padding and hand-overs are then testable without a GPU. The runner uses these
+graphs at tp=1; with several ranks, steps that are not pure decodes still launch
+eagerly until the pieces' collectives have been run in graphs on several GPUs.
 """
 from __future__ import annotations
 
