@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from tpserve.cluster.cli import main
 from tpserve.engine.perplexity import engine_perplexity
