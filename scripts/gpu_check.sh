@@ -10,6 +10,8 @@
 #        w4a16      decode with random 4-bit AWQ weights (Llama-3-8B shape) vs bf16
 #        kvint8     int8 (online and calibrated scales) vs bf16 KV cache at a KV-bound batch
 #                   (Llama-2-7B shape)
+#        graphs     saturation throughput with the steps that carry prompt chunks launched
+#                   eagerly vs replayed as CUDA graphs in pieces (Llama-2-7B shape, bf16)
 #        tp         tp=1/2/4 batch-1 decode on the Llama-3-8B shape (as many GPUs as there are)
 #        tpstep     all-reduce micro-benchmark, and where a tp=2 step's time goes (NCCL vs one-shot)
 #        serving    bench_serving.py through the Ray Serve app vs the in-process engine
@@ -49,6 +51,11 @@ workspace() {  # workspace NAME ARGS...: a random workspace, made once
 }
 summary=()
 note() { summary+=("$1"); }
+# a KV budget of ~20 GB next to a 7B model whatever the card, so that the batch at
+# saturation is bound by the cache: the --cache-max-entry-count fraction that gives it
+kv_budget() {
+  python3 -c "import torch; f,_=torch.cuda.mem_get_info(); print(round(20e9/(f-14e9),3))"
+}
 
 for part in "${parts[@]}"; do
   echo "=== $part"
@@ -81,8 +88,7 @@ for part in "${parts[@]}"; do
       --out-len 128 --label w4a16 --no-baseline --json "$out/latency_w4a16.json" 2>&1 | tail -5;;
   kvint8)
     ws=$(workspace l2 --shape llama2-7b)
-    # a KV budget of ~20 GB whatever the card, so that the batch is bound by the cache
-    frac=$(python3 -c "import torch; f,_=torch.cuda.mem_get_info(); print(round(20e9/(f-14e9),3))")
+    frac=$(kv_budget)
     # the same weights with (placeholder) calibrated int8-KV parameters: hard links
     static="$scratch/l2kv"
     [ -d "$static" ] || { cp -al "$ws" "$static" && python3 scripts/bench_common.py "$static" \
@@ -97,6 +103,17 @@ for part in "${parts[@]}"; do
           --cache-max-entry-count "$frac" \
           --quant-policy "$1" --label "kv $3" --no-baseline --json "$out/kv_$3_$i.json" 2>&1 \
           | tail -1
+      done
+    done;;
+  graphs)
+    ws=$(workspace l2 --shape llama2-7b)
+    frac=$(kv_budget)
+    # steps with prompt chunks launched eagerly against replayed in pieces, interleaved
+    for i in 1 2; do
+      for flag in --no-mixed-graphs ""; do
+        python3 scripts/bench_throughput.py --shape llama2-7b --workspace "$ws" \
+          --num-prompts 1024 --max-batch-size 512 --cache-max-entry-count "$frac" \
+          --label "bf16 ${flag:-graphs}" --no-baseline $flag 2>&1 | tail -1
       done
     done;;
   tp)
