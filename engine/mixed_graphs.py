@@ -10,7 +10,8 @@ cut at its attention calls (`DecoderModel.piece`): L + 1 pieces, each captured
 once per token bucket in `bucket_sizes`, all sharing one memory pool. A step of t
 tokens pads to the smallest bucket T >= t (the padding tokens write no KV, slot
 -1) and replays the pieces, running each layer's attention eagerly in between on
-the step's real rows: three kernel launches a layer instead of about fifteen.
+the step's real rows: a graph replay and attention's two or three kernels a layer
+instead of about fifteen launches.
 The pieces hand over through static buffers (queries, attention output, residual).
 With `capture=False` (CPU) the pieces run directly on the same buffers: the
 padding and hand-overs are then testable without a GPU. The runner uses these

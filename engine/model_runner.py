@@ -14,12 +14,12 @@ from ..parallel.comm import LocalGroup, TPGroup
 from ..parallel.process_group import min_over_ranks
 from .config import EngineConfig, WorkspaceMeta
 from .cuda_graph import DecodeGraphs
-from .mixed_graphs import MAX_TOKENS as MIXED_GRAPH_TOKENS
-from .mixed_graphs import MixedGraphs
 from .errors import ConfigError
 from .forward_batch import ForwardBatch
 from .kv_cache import KVCache
 from .loader import build_model, load_kv_qparams
+from .mixed_graphs import MAX_TOKENS as MIXED_GRAPH_TOKENS
+from .mixed_graphs import MixedGraphs
 from .sampler import SamplerOutput, SamplingBatch, sample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -199,9 +199,8 @@ def explain_capture_oom(config: EngineConfig):
         share = config.cache_max_entry_count
         took = f"{share:g} of the free memory" if share < 1 else f"{int(share)} blocks"
         raise ConfigError(
-            f"out of device memory while capturing CUDA graphs after the KV cache took {took}"
-            "; lower "
-            "--cache-max-entry-count, --max-batch-size or --max-prefill-tokens, or pass "
+            f"out of device memory while capturing CUDA graphs after the KV cache took {took}; "
+            "lower --cache-max-entry-count, --max-batch-size or --max-prefill-tokens, or pass "
             "--eager-mode") from exc
 
 
