@@ -249,30 +249,32 @@ class DecodeLaunch:
     dequant: int = 0
     prefetch: bool = False
     cuda_cores: bool = False  # int8 MHA only: `_decode_mha_int8_kernel`
+    # a register cap for ptxas (Triton's `maxnreg`); None leaves the choice to ptxas,
+    # which for some large tiles settles on 32 registers and spills the rest
+    maxnreg: int | None = None
 
 
 # on CUDA: the default, and the cache dtypes that measured faster with another
 # (scripts/tune_kernels.py times the alternatives). int8 on one H200, with head-major
-# scales: 77 us at B=16, ctx=4096 (bf16: 71 us) and 288 us at B=128, ctx=512 with 32 kv
-# heads (bf16: 259 us); 2 stages would take 105 and 324 us there, but 152 against
-# 174 us at B=64, ctx=2048. With calibrated parameters (STATIC_INT8_LAUNCH) issuing a
-# tile's loads together pays: 63, 108 and 226 us (bf16: 71, 130 and 259 us); with
-# per-token scales it does not (114, 176 and 350 us).
+# scales, GQA (8 kv heads): 135 us at B=64, ctx=2048 (bf16: 129 us). Without a register
+# cap ptxas gives these 128-key tiles 255 registers, or settles on 32 and spills (the
+# Triton 3.6 toolchain): 174 us there. With calibrated parameters (STATIC_INT8_LAUNCH)
+# issuing a tile's loads together pays, and the same cap: 107 us there, 452 against 500
+# us (bf16: 522) at B=256 with 32 kv heads and contexts of 64-1024, 207 against 227 us
+# (bf16: 259) at B=128, ctx=512. Caps of 80-112 and 144 were slower.
 DEFAULT_LAUNCH = DecodeLaunch()
 LAUNCH: dict[torch.dtype, DecodeLaunch] = {
-    torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2)}
+    torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2, maxnreg=128)}
 STATIC_INT8_LAUNCH = DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2,
-                                  prefetch=True)
+                                  prefetch=True, maxnreg=128)
 
 
-# int8 MHA with per-token scales: `_decode_mha_int8_kernel`, 64-token tiles, two warps.
-# One H200, 32 heads, µs against the tensor-core kernel (and bf16): 116 against 182 (128)
-# at B=8, ctx=4096; 227 against 297 (263) at B=32, ctx=2048; 239 against 290 (259) at
-# B=128, ctx=512; 281 against 328 (250) at B=203 with context lengths as at saturation.
-# Best of 32/64/128-token tiles and 2/4 warps at all eight shapes timed. With calibrated
-# parameters this kernel was slower (206-1115 against 93-613 µs), so they keep
-# STATIC_INT8_LAUNCH.
-MHA_INT8_LAUNCH = DecodeLaunch(block_n=64, num_warps=2, num_stages=1, cuda_cores=True)
+# int8 MHA with per-token scales: `_decode_mha_int8_kernel`, 32-token tiles, one warp.
+# One H200, 32 heads, µs: 501 at B=256 with contexts of 64-1024 (64-token tiles of two
+# warps: 540; the tensor-core kernel with the register cap: 561; bf16: 522) and 200 at
+# B=128, ctx=512 (239; bf16: 259). With calibrated parameters this kernel is slower than
+# STATIC_INT8_LAUNCH (544 against 452 us at B=256), so they keep that.
+MHA_INT8_LAUNCH = DecodeLaunch(block_n=32, num_warps=1, num_stages=1, cuda_cores=True)
 
 
 _CPU_LAUNCH = DecodeLaunch(block_n=16)
@@ -316,13 +318,13 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
         _decode_mha_int8_kernel[grid](
             *args, D_PAD=d_pad, BLOCK_N=block_n, PAGE=page,
             HAS_WINDOW=sliding_window is not None, STATIC=static,
-            num_warps=launch.num_warps, num_stages=launch.num_stages)
+            num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg)
     else:
         _decode_split_kernel[grid](
             *args, GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad,
             BLOCK_N=block_n, PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
             DEQUANT=launch.dequant if quant else 0, STATIC=static, PREFETCH=launch.prefetch,
-            num_warps=launch.num_warps, num_stages=launch.num_stages)
+            num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg)
     out = torch.empty_like(q)
     _decode_reduce_kernel[(num_tokens, num_q)](
         part_out, part_lse, out, splits, part_out.stride(0), part_out.stride(1),

@@ -92,23 +92,25 @@ def tune_decode(quick: bool) -> list:
         grid = itertools.product((64, 128) if quick else (32, 64, 128),
                                  (4,) if quick else (2, 4, 8),
                                  (1, 2) if quick else (1, 2, 3, 4),
-                                 (1, 2) if quick else (0, 1, 2), (False, True))
-        # prefetching applies to the codes read as such (dequant 2)
-        configs = [attention_decode.DecodeLaunch(*c) for c in grid if c[3] == 2 or not c[4]]
+                                 (1, 2) if quick else (0, 1, 2), (False, True), (None, 128))
+        # prefetching applies to the codes read as such (dequant 2); the last field caps
+        # the registers (`DecodeLaunch.maxnreg`)
+        configs = [attention_decode.DecodeLaunch(*c[:5], maxnreg=c[5]) for c in grid
+                   if c[3] == 2 or not c[4]]
         if mha:
             configs += [attention_decode.DecodeLaunch(n, w, st, cuda_cores=True)
-                        for n, w, st in itertools.product((32, 64, 128), (2, 4, 8), (1, 2))]
+                        for n, w, st in itertools.product((16, 32, 64), (1, 2, 4), (1, 2))]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}", configs, run,
                           default))
-        for prefetch in (False, True):  # calibrated parameters: no per-token scales read
-            for stages in (1, 2):
-                launch = dataclasses.replace(attention_decode.STATIC_INT8_LAUNCH,
-                                             prefetch=prefetch, num_stages=stages)
-                us = bench(lambda: attention_decode.decode_attention(
-                    q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, ks, vs,
-                    (0.02, 0.0, 0.02, 0.0), launch=launch))
-                print(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}, calibrated (static) "
-                      f"parameters, {launch}: {us:.1f} us", flush=True)
+        # calibrated parameters: no per-token scales read
+        for prefetch, stages, maxnreg in itertools.product((False, True), (1, 2), (None, 128)):
+            launch = dataclasses.replace(attention_decode.STATIC_INT8_LAUNCH,
+                                         prefetch=prefetch, num_stages=stages, maxnreg=maxnreg)
+            us = bench(lambda: attention_decode.decode_attention(
+                q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, ks, vs,
+                (0.02, 0.0, 0.02, 0.0), launch=launch))
+            print(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}, calibrated (static) "
+                  f"parameters, {launch}: {us:.1f} us", flush=True)
     return rows
 
 
