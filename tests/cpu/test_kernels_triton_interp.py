@@ -113,6 +113,12 @@ def _attention(torch, kernels, ref, cases):
             decodes = next((b for b, n in enumerate(qlens) if n != 1), len(qlens))
             _close(f"paged_attention case {i} int8={int8}",
                    kernels.paged_attention(*args, num_decodes=decodes), want, 2e-3, 1e-2)
+            if int8 and max(qlens) > 1 and decodes == 0:  # every int8 prefill dequantization
+                from tpserve.kernels.attention_prefill import PrefillLaunch, prefill_attention
+                for dequant in (0, 1, 2, 3):
+                    launch = PrefillLaunch(block_n=16, dequant=dequant, max_block_m=16)
+                    got = prefill_attention(*args[:7], *args[8:], launch=launch)
+                    _close(f"prefill case {i} int8 {launch}", got, want, 2e-3, 1e-2)
             if max(qlens) == 1:  # a CUDA graph passes a loose context bound (the session length)
                 loose = args[:7] + (4 * max(seqs) + 100,) + args[8:]
                 _close(f"decode case {i} int8={int8}, loose max_seq_len",

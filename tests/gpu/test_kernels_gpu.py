@@ -6,6 +6,7 @@ import torch
 import tpserve.kernels as kernels
 from tpserve.kernels import reference as ref
 from tpserve.kernels.attention_decode import DecodeLaunch, decode_attention
+from tpserve.kernels.attention_prefill import PrefillLaunch, prefill_attention
 from tpserve.kernels.testing import make_paged_problem, random_awq
 
 pytestmark = [pytest.mark.gpu,
@@ -85,6 +86,12 @@ def test_paged_attention(case, int8):
             launch = DecodeLaunch(block_n=128, num_stages=1, dequant=dequant, prefetch=prefetch)
             got = decode_attention(*args[:5], *args[7:], static_params=static, launch=launch)
             _close(got, want, 1e-2, 2e-2)
+    if int8 and max(qlens) > 1:  # each way prefill can read int8, every row as a prompt
+        for dequant in (0, 1, 2, 3):
+            launch = PrefillLaunch(block_n=128, num_stages=3, dequant=dequant)
+            # 1 rounds each token's (scale, zero point) to bf16 before it dequantizes
+            atol = 2e-2 if dequant == 1 else 1e-2
+            _close(prefill_attention(*args[:7], *args[8:], launch=launch), want, atol, 2e-2)
 
 
 @pytest.mark.parametrize("static", [False, True])
