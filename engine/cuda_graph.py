@@ -34,6 +34,16 @@ def capture_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(sizes + [max_batch_size]))
 
 
+def warm_up(fn: Callable[[], object], device: torch.device) -> None:
+    """Runs fn once on a side stream before it is captured: compiles its kernels and
+    forms its communicators outside the graph, as capture requires."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
 def is_decode_batch(batch: ForwardBatch) -> bool:
     """One new token per request, each wanting its logits."""
     n = batch.num_seqs
@@ -73,11 +83,7 @@ class DecodeGraphs:
         pool = None
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
             batch = self._batch(size)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, forms communicators
-                forward(batch)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+            warm_up(lambda: forward(batch), self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = forward(batch)

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from .cuda_graph import warm_up
 from .forward_batch import ForwardBatch
 from .kv_cache import KVCache
 
@@ -77,16 +78,16 @@ class MixedGraphs:
             self.q[:size].copy_(out)
             self.residual[:size].copy_(residual)
 
+    def _pieces(self, size: int) -> None:
+        """Every piece in turn, without attention between them (capture's warm-up)."""
+        for i in range(self.model.num_pieces):
+            self._piece(i, size)
+
     def _capture(self, device: torch.device) -> None:
         start = time.perf_counter()
         pool = None
         for size in reversed(self.sizes):  # largest first: the others reuse its pool
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, forms communicators
-                for i in range(self.model.num_pieces):
-                    self._piece(i, size)
-            torch.cuda.current_stream(device).wait_stream(stream)
+            warm_up(lambda: self._pieces(size), device)
             graphs = []
             for i in range(self.model.num_pieces):
                 graph = torch.cuda.CUDAGraph()
