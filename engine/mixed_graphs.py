@@ -14,9 +14,8 @@ the step's real rows: a graph replay and attention's two or three kernels a laye
 instead of about fifteen launches.
 The pieces hand over through static buffers (queries, attention output, residual).
 With `capture=False` (CPU) the pieces run directly on the same buffers: the
-padding and hand-overs are then testable without a GPU. The runner uses these
-graphs at tp=1; with several ranks, steps that are not pure decodes still launch
-eagerly until the pieces' collectives have been run in graphs on several GPUs.
+padding and hand-overs are then testable without a GPU. With several ranks each
+captures the same pieces, their all-reduces included, as the decode graphs do.
 """
 from __future__ import annotations
 

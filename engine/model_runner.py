@@ -84,10 +84,9 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(self._forward, self.device, config.max_batch_size,
                                            math.ceil(config.session_len / self.block_size) + 1,
                                            config.session_len)
-                if group.world_size == 1:  # tp > 1: not yet run on several GPUs
-                    self.mixed_graphs = MixedGraphs(
-                        self.model, self.kv_cache, self.device, self.dtype,
-                        min(MIXED_GRAPH_TOKENS, config.max_prefill_tokens))
+                self.mixed_graphs = MixedGraphs(
+                    self.model, self.kv_cache, self.device, self.dtype,
+                    min(MIXED_GRAPH_TOKENS, config.max_prefill_tokens))
 
     def _count_blocks(self, per_block: int) -> int:
         c = self.config
