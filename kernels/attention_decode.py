@@ -139,11 +139,26 @@ if HAS_TRITON:
         tl.store(pl_ptr + b * s_pl_b + heads * s_pl_h + split, lse, mask=g < GROUP)
 
     @triton.jit
-    def _int8_to_float(c):
-        """int8 codes -> float32 without int-to-float conversions (a slow unit on GPUs):
-        byte u = c + 128 in the low mantissa bits of 2^23 gives 2^23 + u exactly."""
-        bits = (c.to(tl.int32) & 0xFF) ^ 0x4B000080
-        return bits.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+    def _codes_to_units(c, ASM: tl.constexpr):
+        """int8 codes -> floats 1 + (c + 128) * 2^-15, with no int-to-float conversion (a
+        slow unit on GPUs): the byte c + 128 set into mantissa bits 8-15 of 1.0. A dot
+        product with these keeps about 16 bits for the codes' part:
+        x . c = 2^15 * (x . f - sum(x)) - 128 * sum(x). ASM (compiled for a GPU): one
+        xor per four codes and one byte permute per code."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 w;
+                xor.b32 w, $4, 0x80808080;
+                prmt.b32 $0, w, 0x3F800000, 0x7604;
+                prmt.b32 $1, w, 0x3F800000, 0x7614;
+                prmt.b32 $2, w, 0x3F800000, 0x7624;
+                prmt.b32 $3, w, 0x3F800000, 0x7634;
+                }""",
+                constraints="=r,=r,=r,=r,r", args=[c], dtype=tl.float32, is_pure=True,
+                pack=4)
+        else:  # the same bits with portable ops (Triton's CPU interpreter)
+            return (((c.to(tl.int32) + 128) << 8) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _decode_mha_int8_kernel(
@@ -152,27 +167,30 @@ if HAS_TRITON:
             s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, head_dim,
             k_scale_c, k_zp_c, v_scale_c, v_zp_c,
             D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-            HAS_WINDOW: tl.constexpr, STATIC: tl.constexpr):
+            HAS_WINDOW: tl.constexpr, STATIC: tl.constexpr, ROWS: tl.constexpr,
+            ASM: tl.constexpr):
         """`_decode_split_kernel` for an int8 cache with one query head per kv head (MHA):
         with a single query row, tensor-core tiles would be 15/16 padding and their
-        operand copies cost registers, so the dot products run on CUDA cores. The
-        values' weighted sum stays per (token row, column) in registers and is reduced
-        once at the end; each key's and value's (scale, zero point) folds into the
-        score and the weight: p . (c * s + z) = (p * s) . c + sum(p * z)."""
+        operand copies cost registers, so the dot products run on CUDA cores, over the
+        codes as `_codes_to_units` floats (two instructions a code with the FMA). Each
+        key's (scale, zero point) applies to its score, each value's scale to its
+        weight and its zero point to the output: p . (c * s + z) = (p * s) . c + p . z.
+        The values' weighted sum is kept for ROWS tile rows (those the tile's layout
+        spreads over threads) and summed over them once at the end."""
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         split = tl.program_id(2)
         kv_start, begin, end = _split_range(seq_lens_ptr, b, split, window, BLOCK_N,
                                             HAS_WINDOW)
-
         cols = tl.arange(0, D_PAD)
         dmask = cols < head_dim
         q = tl.load(q_ptr + b * sq_t + h * sq_h + cols, mask=dmask, other=0.0).to(tl.float32)
         q_sum = tl.sum(q, axis=0)
         m_i = tl.full([1], float("-inf"), tl.float32)
         l_i = tl.zeros([1], tl.float32)
+        w_i = tl.zeros([1], tl.float32)  # sum of the weights given to the value units
         z_acc = tl.zeros([1], tl.float32)  # sum of p * value zero point (per-token scales)
-        acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        acc = tl.zeros([ROWS, D_PAD], tl.float32)
         table = table_ptr + b * s_tab
         for n0 in range(begin, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
@@ -180,7 +198,8 @@ if HAS_TRITON:
             kc, vc, k_scale, k_zp, v_scale, v_zp = _int8_tile_loads(
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, valid, h, s_kb, s_ks, s_kh,
                 s_sb, s_ss, s_sh, cols, dmask, PAGE, STATIC)
-            s = tl.sum(_int8_to_float(kc) * q[None, :], axis=1)
+            dot = tl.sum(_codes_to_units(kc, ASM) * q[None, :], axis=1)
+            s = (dot - q_sum) * 32768.0 - 128.0 * q_sum  # q . codes
             if STATIC:
                 s = s * k_scale_c + q_sum * k_zp_c
             else:
@@ -191,11 +210,12 @@ if HAS_TRITON:
             if not STATIC:
                 z_acc = z_acc * alpha + tl.sum(p * v_zp, axis=0)
                 p = p * v_scale
-            if tl.min(alpha, axis=0) < 1.0:  # the running max moved: rescale (often it did not)
-                acc = acc * alpha[:, None]
-            acc += p[:, None] * _int8_to_float(vc)
+            w_i = w_i * alpha + tl.sum(p, axis=0)
+            pv = tl.reshape(p[:, None] * _codes_to_units(vc, ASM), [BLOCK_N // ROWS, ROWS, D_PAD])
+            acc = acc * alpha[:, None] + tl.sum(pv, axis=0)
 
-        out = tl.sum(acc, axis=0)[None, :] + z_acc[:, None]
+        units = tl.sum(acc, axis=0)
+        out = ((units - w_i) * 32768.0 - 128.0 * w_i)[None, :] + z_acc[:, None]
         out = out / tl.where(l_i > 0, l_i, 1.0)[:, None]
         if STATIC:
             out = out * v_scale_c + tl.where(l_i > 0, v_zp_c, 0.0)[:, None]
@@ -261,7 +281,8 @@ class DecodeLaunch:
 # Triton 3.6 toolchain): 174 us there. With calibrated parameters (STATIC_INT8_LAUNCH)
 # issuing a tile's loads together pays, and the same cap: 107 us there, 452 against 500
 # us (bf16: 522) at B=256 with 32 kv heads and contexts of 64-1024, 207 against 227 us
-# (bf16: 259) at B=128, ctx=512. Caps of 80-112 and 144 were slower.
+# (bf16: 259) at B=128, ctx=512 (MHA now takes STATIC_MHA_INT8_LAUNCH). Caps of 80-112
+# and 144 were slower.
 DEFAULT_LAUNCH = DecodeLaunch()
 LAUNCH: dict[torch.dtype, DecodeLaunch] = {
     torch.int8: DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequant=2, maxnreg=128)}
@@ -269,12 +290,19 @@ STATIC_INT8_LAUNCH = DecodeLaunch(block_n=128, num_warps=4, num_stages=1, dequan
                                   prefetch=True, maxnreg=128)
 
 
-# int8 MHA with per-token scales: `_decode_mha_int8_kernel`, 32-token tiles, one warp.
-# One H200, 32 heads, µs: 501 at B=256 with contexts of 64-1024 (64-token tiles of two
-# warps: 540; the tensor-core kernel with the register cap: 561; bf16: 522) and 200 at
-# B=128, ctx=512 (239; bf16: 259). With calibrated parameters this kernel is slower than
-# STATIC_INT8_LAUNCH (544 against 452 us at B=256), so they keep that.
+# int8 MHA: `_decode_mha_int8_kernel` (CUDA cores, one warp a program), with per-token
+# scales and with calibrated parameters. One H200, 32 heads, µs, bf16 in the same run:
+#
+#   shape                     bf16   per-token (32/1)   calibrated (16/1)   tensor cores*
+#   B=128, ctx=512            260    149                159                 207
+#   B=256, ctx 150-450        301    193                199                 289
+#
+# (*: STATIC_INT8_LAUNCH, the calibrated default before.) On one H100 the kernel it
+# replaced (float conversions with a float add a code, [tokens, dims] partial sums: 255
+# registers) took 233 and 313 us with per-token scales, this one 210 and 268. Wider
+# tiles or more warps a program were slower (scripts/tune_kernels.py).
 MHA_INT8_LAUNCH = DecodeLaunch(block_n=32, num_warps=1, num_stages=1, cuda_cores=True)
+STATIC_MHA_INT8_LAUNCH = DecodeLaunch(block_n=16, num_warps=1, num_stages=1, cuda_cores=True)
 
 
 _CPU_LAUNCH = DecodeLaunch(block_n=16)
@@ -290,8 +318,8 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
     page, num_kv = k_cache.shape[1], k_cache.shape[2]
     group = num_q // num_kv
     quant = k_cache.dtype == torch.int8
-    if launch is None and quant and group == 1 and static_params is None:
-        launch = MHA_INT8_LAUNCH  # on CPU too: the tests see this choice
+    if launch is None and quant and group == 1:  # on CPU too: the tests see this choice
+        launch = MHA_INT8_LAUNCH if static_params is None else STATIC_MHA_INT8_LAUNCH
     elif launch is None and not q.is_cuda:
         launch = _CPU_LAUNCH
     elif launch is None:
@@ -315,9 +343,11 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
     grid = (num_tokens, num_kv, splits)
     static = quant and static_params is not None
     if quant and group == 1 and launch.cuda_cores:
+        # the tile rows its layout spreads over threads: 16-byte vectors across a row
+        rows = min(block_n, max(1, 512 // d_pad) * launch.num_warps)
         _decode_mha_int8_kernel[grid](
             *args, D_PAD=d_pad, BLOCK_N=block_n, PAGE=page,
-            HAS_WINDOW=sliding_window is not None, STATIC=static,
+            HAS_WINDOW=sliding_window is not None, STATIC=static, ROWS=rows, ASM=q.is_cuda,
             num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg)
     else:
         _decode_split_kernel[grid](

@@ -6,7 +6,8 @@
 - int8-KV decode attention (kernels/attention_decode.py, `LAUNCH`): keys per
   tile, warps, stages and the way it dequantizes, at the Llama-3-8B head layout
   (32 q heads, 8 kv heads) and the Llama-2-7B one (32 and 32; there also the
-  CUDA-core kernel of `MHA_INT8_LAUNCH`, the default for MHA), head dim 128,
+  CUDA-core kernel of `MHA_INT8_LAUNCH` and `STATIC_MHA_INT8_LAUNCH`, the defaults
+  for MHA), head dim 128,
   64-token pages, with the scales laid out as the engine does (head-major within
   a block); the bf16 cache and token-major scales are timed beside it at the
   default launch;
@@ -99,13 +100,18 @@ def tune_decode(quick: bool) -> list:
                    if c[3] == 2 or not c[4]]
         if mha:
             configs += [attention_decode.DecodeLaunch(n, w, st, cuda_cores=True)
-                        for n, w, st in itertools.product((16, 32, 64), (1, 2, 4), (1, 2))]
+                        for n, w, st in itertools.product((16, 32, 64, 128), (1, 2, 4), (1, 2))]
         rows.append(sweep(f"int8 decode B={batch} ctx={ctx} kv heads={nkv}", configs, run,
                           default))
         # calibrated parameters: no per-token scales read
-        for prefetch, stages, maxnreg in itertools.product((False, True), (1, 2), (None, 128)):
-            launch = dataclasses.replace(attention_decode.STATIC_INT8_LAUNCH,
-                                         prefetch=prefetch, num_stages=stages, maxnreg=maxnreg)
+        launches = [dataclasses.replace(attention_decode.STATIC_INT8_LAUNCH, prefetch=prefetch,
+                                        num_stages=stages, maxnreg=maxnreg)
+                    for prefetch, stages, maxnreg in itertools.product((False, True), (1, 2),
+                                                                      (None, 128))]
+        if mha:  # the CUDA-core kernel, the default there
+            launches += [attention_decode.DecodeLaunch(n, w, 1, cuda_cores=True)
+                         for n, w in itertools.product((16, 32, 64, 128), (1, 2, 4))]
+        for launch in launches:
             us = bench(lambda: attention_decode.decode_attention(
                 q, kc, vc, tables, seq_lens, ctx, D ** -0.5, None, ks, vs,
                 (0.02, 0.0, 0.02, 0.0), launch=launch))

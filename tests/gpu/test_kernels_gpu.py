@@ -98,7 +98,8 @@ def test_paged_attention(case, int8):
 @pytest.mark.parametrize("case", [0, 1])
 def test_decode_mha_int8_cuda_cores(case, static):
     """One query head per kv head (Llama-2's layout): int8 decode on CUDA cores, the
-    default with per-token scales, against the float reference and the tensor-core kernel."""
+    default for MHA with per-token or calibrated scales, at several tiles and warps,
+    against the float reference and the tensor-core kernel."""
     seqs, qlens, window = ATTENTION[case]
     params = (0.03, 0.1, 0.02, -0.05) if static else None
     p = make_paged_problem(seqs, qlens, NQ, NQ, D, BLOCK, int8=True, seed=case,
@@ -108,7 +109,8 @@ def test_decode_mha_int8_cuda_cores(case, static):
     args = p.attention_args() + (D ** -0.5, window, p.k_scales, p.v_scales)
     want = ref.paged_attention(*args)
     for launch in (None, DecodeLaunch(block_n=32, num_warps=2, num_stages=1, cuda_cores=True),
-                   DecodeLaunch(block_n=128, num_warps=4, num_stages=1, cuda_cores=True),
+                   DecodeLaunch(block_n=16, num_warps=1, num_stages=1, cuda_cores=True),
+                   DecodeLaunch(block_n=128, num_warps=4, num_stages=2, cuda_cores=True),
                    DecodeLaunch(block_n=128, num_stages=1, dequant=2)):
         got = decode_attention(*args[:5], *args[7:], static_params=params, launch=launch)
         _close(got, want, 1e-2, 2e-2)
