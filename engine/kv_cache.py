@@ -1,13 +1,14 @@
 """The paged KV cache of one rank: one tensor for keys and one for values,
 [layers, blocks, block_size, kv_heads, head_dim], in the compute dtype or
-int8 with a (scale, zero) pair per token and head."""
+int8 with a (scale, zero) pair per token and head, or, with calibrated parameters,
+one pair per layer for keys and one for values (no memory per token)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..kernels.kv_cache import int8_scales
+from ..kernels.kv_cache import calibrated_scales, int8_scales
 
 
 @dataclass
@@ -36,15 +37,21 @@ class KVCache:
         if not int8:
             return cls(torch.zeros(shape, dtype=dtype, device=device),
                        torch.zeros(shape, dtype=dtype, device=device))
-        return cls(torch.zeros(shape, dtype=torch.int8, device=device),
-                   torch.zeros(shape, dtype=torch.int8, device=device),
-                   int8_scales(shape, device), int8_scales(shape, device), static_params)
+        k, v = (torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(2))
+        if static_params is None:
+            return cls(k, v, int8_scales(shape, device), int8_scales(shape, device))
+        pairs = torch.tensor(static_params, dtype=torch.float32, device=device)  # [layers, 4]
+        return cls(k, v, calibrated_scales(pairs[:, 0:2], shape),
+                   calibrated_scales(pairs[:, 2:4], shape), static_params)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
-                        dtype: torch.dtype, int8: bool = False) -> int:
+                        dtype: torch.dtype, int8: bool = False,
+                        per_token_scales: bool = True) -> int:
+        """Bytes of one block over all layers, keys and values; an int8 cache with
+        per-token scales adds a float32 (scale, zero point) per token and head."""
         per_token_head = head_dim * (1 if int8 else torch.finfo(dtype).bits // 8)
-        if int8:
+        if int8 and per_token_scales:
             per_token_head += 2 * 4
         return 2 * num_layers * block_size * kv_heads * per_token_head
 

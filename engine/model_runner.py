@@ -67,7 +67,8 @@ class ModelRunner:
         kv_heads = self.model.layers[0].self_attn.num_kv_heads
         static = load_kv_qparams(workspace, rank, cfg.num_layers) if config.kv_int8 else None
         per_block = KVCache.bytes_per_block(cfg.num_layers, self.block_size, kv_heads, cfg.head_dim,
-                                            self.dtype, config.kv_int8)
+                                            self.dtype, config.kv_int8,
+                                            per_token_scales=static is None)
         # ranks may see different free memory; all must allocate the same number of blocks
         self.num_blocks = min_over_ranks(group, self._count_blocks(per_block), self.device)
         self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, kv_heads,

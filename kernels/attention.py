@@ -45,7 +45,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     ``static_params``: the calibrated (k_scale, k_zp, v_scale, v_zp) every token of an
     int8 cache was written with (`store_kv_cache`); decode then skips the per-token
-    scales. The per-token scales must hold the same values.
+    scales. The per-token scales must hold the same values (`kv_cache.calibrated_scales`
+    is a view of the one pair).
 
     ``num_decodes``: how many requests from the first have one query token each. A
     batch that mixes them with prompt chunks runs them through the decode kernel,

@@ -7,7 +7,9 @@ An int8 cache stores a (scale, zero point) pair per token and head,
 taken from calibrated ``static_params = (k_scale, k_zp, v_scale, v_zp)``. The
 pairs are indexed ``[..., block, offset, head, 2]`` like the cache; `int8_scales`
 lays them out head-major within a block, so that the tokens of one head that an
-attention tile reads lie next to each other. The kernels take any strides.
+attention tile reads lie next to each other. The kernels take any strides. A cache
+written only with calibrated parameters needs no memory per token:
+`calibrated_scales` is a broadcast view of the one pair, which the writes skip.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ if HAS_TRITON:
                      stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, block_size,
                      num_heads, head_dim,
                      static_scale, static_zp, QUANT: tl.constexpr, STATIC: tl.constexpr,
-                     HEADS: tl.constexpr, D_PAD: tl.constexpr):
+                     WRITE_SCALES: tl.constexpr, HEADS: tl.constexpr, D_PAD: tl.constexpr):
         heads = tl.arange(0, HEADS)
         cols = tl.arange(0, D_PAD)
         hmask = heads < num_heads
@@ -54,8 +56,9 @@ if HAS_TRITON:
             # the scales may be laid out head-major within a block: address (block, offset)
             sdst = (scales_ptr + (slot // block_size) * stride_sb
                     + (slot % block_size) * stride_ss + heads * stride_sh)
-            tl.store(sdst, scale.to(sdt), mask=hmask)
-            tl.store(sdst + 1, zp.to(sdt), mask=hmask)
+            if WRITE_SCALES:
+                tl.store(sdst, scale.to(sdt), mask=hmask)
+                tl.store(sdst + 1, zp.to(sdt), mask=hmask)
         else:
             tl.store(dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -64,16 +67,17 @@ if HAS_TRITON:
                          skt, skh, svt, svh, scs, sch, ssb, sss, ssh, block_size,
                          num_heads, head_dim,
                          k_scale, k_zp, v_scale, v_zp, QUANT: tl.constexpr,
-                         STATIC: tl.constexpr, HEADS: tl.constexpr, D_PAD: tl.constexpr):
+                         STATIC: tl.constexpr, WRITE_SCALES: tl.constexpr, HEADS: tl.constexpr,
+                         D_PAD: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + tok).to(tl.int64)
         if slot >= 0:
             _store_heads(k_ptr, kc_ptr, ks_ptr, tok, slot, skt, skh, scs, sch, ssb, sss, ssh,
                          block_size, num_heads, head_dim, k_scale, k_zp, QUANT, STATIC,
-                         HEADS, D_PAD)
+                         WRITE_SCALES, HEADS, D_PAD)
             _store_heads(v_ptr, vc_ptr, vs_ptr, tok, slot, svt, svh, scs, sch, ssb, sss, ssh,
                          block_size, num_heads, head_dim, v_scale, v_zp, QUANT, STATIC,
-                         HEADS, D_PAD)
+                         WRITE_SCALES, HEADS, D_PAD)
 
 
 def int8_scales(cache_shape: tuple[int, ...], device: torch.device | str | None = None
@@ -84,6 +88,20 @@ def int8_scales(cache_shape: tuple[int, ...], device: torch.device | str | None 
     *lead, block_size, kv_heads, _ = cache_shape
     storage = torch.zeros(*lead, kv_heads, block_size, 2, dtype=torch.float32, device=device)
     return storage.transpose(-3, -2)
+
+
+def calibrated_scales(pairs: torch.Tensor, cache_shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-token scales for an int8 cache of shape [..., num_blocks, block_size,
+    kv_heads, head_dim] written only with calibrated parameters: ``pairs`` [..., 2]
+    (one (scale, zero point) for each leading index, e.g. each layer) broadcast to
+    [..., num_blocks, block_size, kv_heads, 2] without memory per token. Kernels read
+    the pair through it; `store_kv_cache` leaves it as it is."""
+    *lead, num_blocks, block_size, kv_heads, _ = cache_shape
+    if tuple(pairs.shape) != (*lead, 2):
+        raise ValueError(f"calibrated_scales: pairs {tuple(pairs.shape)} do not fit a cache "
+                         f"of shape {tuple(cache_shape)}")
+    pairs = pairs.to(torch.float32).reshape(*lead, 1, 1, 1, 2)
+    return pairs.expand(*lead, num_blocks, block_size, kv_heads, 2)
 
 
 def _check(k, v, k_cache, v_cache, k_scales, v_scales):
@@ -129,5 +147,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2), k_cache.shape[1], num_heads, head_dim,
         *[float(p) for p in params],
-        QUANT=quant, STATIC=static_params is not None, HEADS=next_pow2(num_heads),
+        QUANT=quant, STATIC=static_params is not None,
+        WRITE_SCALES=quant and not (static_params is not None and reference.one_pair(ks)),
+        HEADS=next_pow2(num_heads),
         D_PAD=next_pow2(head_dim), num_warps=4)

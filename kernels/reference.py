@@ -71,6 +71,12 @@ def quantize_with(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> tor
     return q.clamp(-128, 127).to(torch.int8)
 
 
+def one_pair(scales: torch.Tensor) -> bool:
+    """True for per-token scales that are a broadcast view of a single (scale, zero
+    point) pair (`kv_cache.calibrated_scales`): there is nothing per token to write."""
+    return all(st == 0 for st in scales.stride()[:-1])
+
+
 def _store_one(x, cache, scales, slots, static):
     nb, bs = cache.shape[:2]
     flat = cache.view(nb * bs, *cache.shape[2:])
@@ -85,6 +91,8 @@ def _store_one(x, cache, scales, slots, static):
         zp = torch.full(shape, static[1], device=x.device).to(scales.dtype).float()
         q = quantize_with(x, scale, zp)
     flat[slots] = q
+    if static is not None and one_pair(scales):
+        return  # they hold the calibrated pair already
     # indexed by (block, offset): the scales may be laid out head-major within a block
     scales[slots // bs, slots % bs] = torch.stack([scale, zp], -1).to(scales.dtype)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import int8_scales
+from .kv_cache import calibrated_scales, int8_scales
 from .reference import AWQ_ORDER, store_kv_cache
 
 
@@ -60,7 +60,8 @@ def make_paged_problem(seq_lens: list[int], query_lens: list[int], num_q: int, n
                        static_params: tuple[float, float, float, float] | None = None
                        ) -> PagedProblem:
     """Random queries, new keys/values, and prefixes stored in a paged cache (an int8
-    one with per-token scales, or with the calibrated ``static_params``)."""
+    one with per-token scales, or with the calibrated ``static_params`` and their
+    `calibrated_scales`)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -72,7 +73,11 @@ def make_paged_problem(seq_lens: list[int], query_lens: list[int], num_q: int, n
     k_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
     v_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
     k_scales = v_scales = None
-    if int8:
+    if int8 and static_params is not None:  # as the engine keeps them: no memory per token
+        pairs = torch.tensor(static_params, dtype=torch.float32, device=device)
+        k_scales = calibrated_scales(pairs[0:2], shape)
+        v_scales = calibrated_scales(pairs[2:4], shape)
+    elif int8:
         k_scales, v_scales = int8_scales(shape, device), int8_scales(shape, device)
     slots_new, starts = [], [0]
     for b, (s, ql) in enumerate(zip(seq_lens, query_lens)):

@@ -157,3 +157,41 @@ def test_batched_decode_attention_matches_per_request_loop(window, int8):
     got = ref.decode_attention(p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens, scale,
                                window, p.k_scales, p.v_scales)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_calibrated_cache_keeps_one_pair_a_layer():
+    """With calibrated parameters the int8 cache has no memory per token for scales:
+    each layer's keys and values read one (scale, zero point) through a broadcast
+    view, the writes leave it, and attention gives what a cache with the same pair
+    stored for every token gives."""
+    from tpserve.engine.kv_cache import KVCache
+
+    params = [(0.05, 0.2, 0.01, -0.1), (0.03, -0.4, 0.02, 0.3)]
+    p = make_paged_problem([9, 5], [3, 5], 4, 2, 8, 4, dtype=torch.float32, int8=True, seed=1)
+    blocks = p.k_cache.shape[0]
+    cache = KVCache.allocate(2, blocks, 4, 2, 8, torch.float32, torch.device("cpu"), True,
+                             params)
+    # the four calibrated numbers of each layer, for keys and values
+    assert cache.k_scales.untyped_storage().nbytes() == 2 * 4 * 4
+    assert cache.v_scales.untyped_storage().nbytes() == 2 * 4 * 4
+    layer = cache.layer(1)
+    assert torch.allclose(layer.k_scales[3, 2, 1], torch.tensor([0.03, -0.4]))
+    assert torch.allclose(layer.v_scales[0, 0, 0], torch.tensor([0.02, 0.3]))
+    codes = KVCache.bytes_per_block(2, 4, 2, 8, torch.float32, int8=True,
+                                    per_token_scales=False)
+    assert codes == 2 * 2 * 4 * 2 * 8
+    assert KVCache.bytes_per_block(2, 4, 2, 8, torch.float32, int8=True) == codes + 2 * 2 * 4 * 2 * 8
+
+    # the same tokens through a cache with per-token scales and one with the broadcast pair
+    per_token = (p.k_cache, p.v_cache, p.k_scales, p.v_scales)
+    shared = (layer.k, layer.v, layer.k_scales, layer.v_scales)
+    for kc, vc, ks, vs in (per_token, shared):
+        every = torch.arange(blocks * 4)  # every slot, written with the pair
+        kv = torch.randn(len(every), 2, 8, generator=torch.Generator().manual_seed(2))
+        ref.store_kv_cache(kv, kv * 0.5, kc, vc, every, ks, vs, params[1])
+    assert torch.equal(shared[0], per_token[0]) and torch.equal(shared[1], per_token[1])
+    assert torch.allclose(layer.k_scales[0, 0, 0], torch.tensor([0.03, -0.4]))  # not written
+    got = [ref.paged_attention(p.q, kc, vc, p.block_tables, p.seq_lens, p.query_start_loc,
+                               p.max_query_len, p.max_seq_len, 8 ** -0.5, None, ks, vs)
+           for kc, vc, ks, vs in (per_token, shared)]
+    torch.testing.assert_close(got[1], got[0], rtol=0, atol=0)

@@ -119,6 +119,22 @@ def _attention(torch, kernels, ref, cases):
                     launch = PrefillLaunch(block_n=16, dequant=dequant, max_block_m=16)
                     got = prefill_attention(*args[:7], *args[8:], launch=launch)
                     _close(f"prefill case {i} int8 {launch}", got, want, 2e-3, 1e-2)
+            if int8 and max(qlens) > 1:  # calibrated: one broadcast pair, not written, read
+                static = (0.03, 0.1, 0.02, -0.05)
+                want_p, got_p = (make_paged_problem(seqs, qlens, nq, nkv, d, 16, int8=True,
+                                                    seed=i, static_params=static)
+                                 for _ in range(2))
+                for store, q in ((ref.store_kv_cache, want_p), (kernels.store_kv_cache, got_p)):
+                    store(q.k_new, q.v_new, q.k_cache, q.v_cache, q.slot_mapping, q.k_scales,
+                          q.v_scales, static)
+                assert torch.equal(got_p.k_cache, want_p.k_cache)
+                assert torch.equal(got_p.v_cache, want_p.v_cache)
+                s_args = [q.attention_args() + (d ** -0.5, window, q.k_scales, q.v_scales)
+                          for q in (want_p, got_p)]
+                _close(f"paged_attention case {i} int8 calibrated",
+                       kernels.paged_attention(*s_args[1], static_params=static,
+                                               num_decodes=decodes),
+                       ref.paged_attention(*s_args[0]), 2e-3, 1e-2)
             if max(qlens) == 1:  # a CUDA graph passes a loose context bound (the session length)
                 loose = args[:7] + (4 * max(seqs) + 100,) + args[8:]
                 _close(f"decode case {i} int8={int8}, loose max_seq_len",
