@@ -46,10 +46,7 @@ scratch=${BENCH_DIR:-/tmp/tpserve-bench}
 mkdir -p "$scratch"
 workspace() {  # workspace NAME ARGS...: a random workspace, made once
   local ws="$scratch/$1"; shift
-  # sync: the write-back of a fresh 13-16 GB workspace slows the host for a minute
-  # after, and with it the first timed run
-  [ -d "$ws" ] || { python3 scripts/bench_common.py "$ws" "$@" > "$out/ws_$(basename "$ws").log" 2>&1
-                    sync; }
+  [ -d "$ws" ] || python3 scripts/bench_common.py "$ws" "$@" > "$out/ws_$(basename "$ws").log" 2>&1
   echo "$ws"
 }
 summary=()
@@ -95,7 +92,7 @@ for part in "${parts[@]}"; do
     # the same weights with (placeholder) calibrated int8-KV parameters: hard links
     static="$scratch/l2kv"
     [ -d "$static" ] || { cp -al "$ws" "$static" && python3 scripts/bench_common.py "$static" \
-      --kv-qparams > "$out/ws_l2kv.log" 2>&1; sync; }
+      --kv-qparams > "$out/ws_l2kv.log" 2>&1; }
     # KV_REPEAT=N runs the three N times, interleaved; KV_PROMPTS requests a run (2048:
     # long enough that most of it runs at the cache's capacity, not ramping up or draining)
     for i in $(seq "${KV_REPEAT:-1}"); do

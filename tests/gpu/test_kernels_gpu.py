@@ -116,6 +116,23 @@ def test_decode_mha_int8_cuda_cores(case, static):
         _close(got, want, 1e-2, 2e-2)
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 80, 256])
+def test_decode_mha_int8_other_head_dims(head_dim, static):
+    """The CUDA-core int8 decode at head dims whose tiles the layout spreads otherwise
+    (64, 256) or pads (80), against the float reference."""
+    params = (0.03, 0.1, 0.02, -0.05) if static else None
+    p = make_paged_problem([700, 33, 1500], [1, 1, 1], 16, 16, head_dim, BLOCK, int8=True,
+                           seed=head_dim, static_params=params, **BF16)
+    kernels.store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping,
+                           p.k_scales, p.v_scales, params)
+    args = p.attention_args() + (head_dim ** -0.5, None, p.k_scales, p.v_scales)
+    want = ref.paged_attention(*args)
+    for launch in (None, DecodeLaunch(block_n=64, num_warps=2, num_stages=1, cuda_cores=True)):
+        got = decode_attention(*args[:5], *args[7:], static_params=params, launch=launch)
+        _close(got, want, 1e-2, 2e-2)
+
+
 @pytest.mark.parametrize("m", [1, 2, 16, 64])
 @pytest.mark.parametrize("k,n", [(4096, 14336), (14336, 4096)])
 def test_w4a16_gemm(k, n, m):
