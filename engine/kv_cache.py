@@ -40,9 +40,7 @@ class KVCache:
         k, v = (torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(2))
         if static_params is None:
             return cls(k, v, int8_scales(shape, device), int8_scales(shape, device))
-        pairs = torch.tensor(static_params, dtype=torch.float32, device=device)  # [layers, 4]
-        return cls(k, v, calibrated_scales(pairs[:, 0:2], shape),
-                   calibrated_scales(pairs[:, 2:4], shape), static_params)
+        return cls(k, v, *calibrated_scales(static_params, shape, device), static_params)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,

@@ -90,21 +90,24 @@ def int8_scales(cache_shape: tuple[int, ...], device: torch.device | str | None 
     return storage.transpose(-3, -2)
 
 
-def calibrated_scales(pairs: torch.Tensor, cache_shape: tuple[int, ...]) -> torch.Tensor:
-    """Per-token scales for an int8 cache of shape [..., num_blocks, block_size,
-    kv_heads, head_dim] written only with calibrated parameters: ``pairs`` [..., 2]
-    (one (scale, zero point) for each leading index, e.g. each layer) broadcast to
+def calibrated_scales(params, cache_shape: tuple[int, ...], device=None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_scales, v_scales) for an int8 cache of shape [..., num_blocks, block_size,
+    kv_heads, head_dim] written only with calibrated parameters: ``params`` [..., 4]
+    (k_scale, k_zp, v_scale, v_zp) for each leading index (e.g. each layer), seen as
     [..., num_blocks, block_size, kv_heads, 2] without memory per token. Kernels read
-    the pair through it; `store_kv_cache` leaves it as it is."""
+    the pairs through them; `store_kv_cache` leaves them as they are."""
     *lead, num_blocks, block_size, kv_heads, _ = cache_shape
-    if tuple(pairs.shape) != (*lead, 2):
-        raise ValueError(f"calibrated_scales: pairs {tuple(pairs.shape)} do not fit a cache "
-                         f"of shape {tuple(cache_shape)}")
-    pairs = pairs.to(torch.float32).reshape(*lead, 1, 1, 1, 2)
-    return pairs.expand(*lead, num_blocks, block_size, kv_heads, 2)
+    params = torch.as_tensor(params, dtype=torch.float32, device=device)
+    if tuple(params.shape) != (*lead, 4):
+        raise ValueError(f"calibrated_scales: params of shape {tuple(params.shape)} do not "
+                         f"fit a cache of shape {tuple(cache_shape)}")
+    pairs = params.reshape(*lead, 1, 1, 1, 4)
+    full = (*lead, num_blocks, block_size, kv_heads, 2)
+    return pairs[..., 0:2].expand(full), pairs[..., 2:4].expand(full)
 
 
-def _check(k, v, k_cache, v_cache, k_scales, v_scales):
+def _check(k, v, k_cache, v_cache, k_scales, v_scales, static_params):
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError("store_kv_cache: k_cache and v_cache must have the same shape and layout")
     if k.shape[1:] != k_cache.shape[2:] or v.shape != k.shape:
@@ -119,6 +122,9 @@ def _check(k, v, k_cache, v_cache, k_scales, v_scales):
             raise ValueError("store_kv_cache: an int8 cache needs k_scales and v_scales")
         if k_scales.stride() != v_scales.stride():
             raise ValueError("store_kv_cache: k_scales and v_scales must share a layout")
+        if static_params is None and reference.one_pair(k_scales):
+            raise ValueError("store_kv_cache: scales that are one calibrated pair "
+                             "(calibrated_scales) need that pair as static_params")
 
 
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -126,7 +132,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
                    static_params: tuple[float, float, float, float] | None = None) -> None:
     """In place: k/v [T, nkv, d] into k_cache/v_cache [nb, bs, nkv, d] at slot_mapping."""
-    _check(k, v, k_cache, v_cache, k_scales, v_scales)
+    _check(k, v, k_cache, v_cache, k_scales, v_scales, static_params)
     if not use_triton(k):
         reference.store_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scales,
                                  v_scales, static_params)
@@ -148,6 +154,6 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         ks.stride(0), ks.stride(1), ks.stride(2), k_cache.shape[1], num_heads, head_dim,
         *[float(p) for p in params],
         QUANT=quant, STATIC=static_params is not None,
-        WRITE_SCALES=quant and not (static_params is not None and reference.one_pair(ks)),
+        WRITE_SCALES=quant and not reference.one_pair(ks),  # one pair: nothing to write
         HEADS=next_pow2(num_heads),
         D_PAD=next_pow2(head_dim), num_warps=4)

@@ -91,8 +91,8 @@ def _store_one(x, cache, scales, slots, static):
         zp = torch.full(shape, static[1], device=x.device).to(scales.dtype).float()
         q = quantize_with(x, scale, zp)
     flat[slots] = q
-    if static is not None and one_pair(scales):
-        return  # they hold the calibrated pair already
+    if one_pair(scales):
+        return  # the calibrated pair itself, nothing per token (kv_cache.store_kv_cache checks)
     # indexed by (block, offset): the scales may be laid out head-major within a block
     scales[slots // bs, slots % bs] = torch.stack([scale, zp], -1).to(scales.dtype)
 

@@ -74,9 +74,7 @@ def make_paged_problem(seq_lens: list[int], query_lens: list[int], num_q: int, n
     v_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
     k_scales = v_scales = None
     if int8 and static_params is not None:  # as the engine keeps them: no memory per token
-        pairs = torch.tensor(static_params, dtype=torch.float32, device=device)
-        k_scales = calibrated_scales(pairs[0:2], shape)
-        v_scales = calibrated_scales(pairs[2:4], shape)
+        k_scales, v_scales = calibrated_scales(static_params, shape, device)
     elif int8:
         k_scales, v_scales = int8_scales(shape, device), int8_scales(shape, device)
     slots_new, starts = [], [0]

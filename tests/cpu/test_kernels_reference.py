@@ -195,3 +195,16 @@ def test_calibrated_cache_keeps_one_pair_a_layer():
                                p.max_query_len, p.max_seq_len, 8 ** -0.5, None, ks, vs)
            for kc, vc, ks, vs in (per_token, shared)]
     torch.testing.assert_close(got[1], got[0], rtol=0, atol=0)
+
+
+def test_calibrated_scales_need_their_params():
+    """Online quantization would write a pair per token into one shared pair: refused."""
+    from tpserve.kernels import store_kv_cache
+    from tpserve.kernels.kv_cache import calibrated_scales
+
+    p = make_paged_problem([5], [5], 2, 2, 8, 4, dtype=torch.float32, int8=True)
+    ks, vs = calibrated_scales((0.1, 0.0, 0.1, 0.0), p.k_cache.shape)
+    with pytest.raises(ValueError, match="static_params"):
+        store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping, ks, vs)
+    with pytest.raises(ValueError, match="do not fit"):
+        calibrated_scales((0.1, 0.0, 0.1), p.k_cache.shape)
