@@ -4,13 +4,24 @@
 `DistGroup` wraps a torch.distributed process group (NCCL on CUDA, gloo on CPU);
 on GPUs that reach each other over NVLink its small all-reduces take the
 one-shot path of symm_all_reduce.py once `prepare_all_reduce` has set it up.
+
+`all_reduce_add_rms_norm` is the all-reduce that ends a row-parallel layer
+together with the bias add, residual add and RMSNorm that follow it: one
+kernel on the one-shot path, the same steps one by one elsewhere.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from ..kernels.rmsnorm import fused_add_rms_norm
 from .symm_all_reduce import SymmAllReduce
+
+
+def _add_rms_norm(x, residual, weight, eps, bias):
+    if bias is not None:
+        x = x + bias
+    return fused_add_rms_norm(x, residual, weight, eps)
 
 
 class LocalGroup:
@@ -22,6 +33,9 @@ class LocalGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, bias=None, half=0):
+        return _add_rms_norm(x, residual, weight, eps, bias)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return x
@@ -55,6 +69,17 @@ class DistGroup:
             return self.one_shot(x)
         dist.all_reduce(x, group=self.group)
         return x
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                                weight: torch.Tensor, eps: float,
+                                bias: torch.Tensor | None = None, half: int = 0,
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(h) * weight, h) for h = all_reduce(x) + bias + residual. Callers
+        alternate `half` between 0 and 1 from one call to the next (the one-shot
+        kernel's buffer halves; see symm_all_reduce.py)."""
+        if self.one_shot is not None and self.one_shot.fits_fused(x):
+            return self.one_shot.add_rms_norm(x, residual, weight, eps, bias, half)
+        return _add_rms_norm(self.all_reduce(x), residual, weight, eps, bias)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]

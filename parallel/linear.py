@@ -179,8 +179,12 @@ class ParallelLinear(nn.Module):
     def params(self) -> Params:
         return {name: getattr(self, name) for name in self.method.param_names}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
+        """partial: a row-parallel layer returns this rank's partial sums, bias not
+        added; the caller finishes them with `group.all_reduce_add_rms_norm`."""
         y = self.method.apply(self.params(), x)
+        if partial:
+            return y
         if self.reduce is not None and self.reduce.world_size > 1:
             y = self.reduce.all_reduce(y)
         if self.bias is not None:

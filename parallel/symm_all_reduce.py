@@ -8,10 +8,21 @@ the other ranks at a barrier of signal pads, and sums all ranks' buffers
 itself; it needs no multicast (NVLS), and a barrier at its end lets the next
 call reuse the buffer. It works inside CUDA graphs: the buffer never moves.
 
+A decode step's all-reduces each feed a residual add and an RMSNorm. Up to
+MAX_FUSED_ROWS rows, `add_rms_norm` does the three in one kernel (below):
+each row's program copies its partial sums into this rank's half of a second
+symmetric buffer, meets the other ranks' programs for that row at a barrier
+of signal pads, sums all ranks' rows over NVLink, adds the bias and the
+residual and normalizes. The caller names the half, and consecutive calls must
+name different ones (the decoder: 0 after attention, 1 after the MLP); then no
+barrier is needed at the end, as a rank writes a half again only after every
+rank has started the call between, and so finished reading that half.
+
 `SymmAllReduce.create` returns None where it cannot work (ranks on several
 nodes, no symmetric memory in this torch build, no peer access between the
 GPUs), so the caller keeps NCCL. Larger messages (prefill) always go to NCCL,
-which is faster there. TPSERVE_ALLREDUCE=nccl turns the one-shot path off.
+which is faster there. TPSERVE_ALLREDUCE=nccl turns the one-shot path off;
+TPSERVE_ALLREDUCE=unfused keeps it but runs the add and norm as kernels of their own.
 """
 from __future__ import annotations
 
@@ -23,10 +34,73 @@ import torch.distributed as dist
 
 from .hosts import same_host
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the one-shot path is never set up (CUDA only)
+    triton = None
+
 logger = logging.getLogger(__name__)
 
 # up to 64 decode rows of a 4096-wide bf16 hidden state; past that NCCL catches up
 MAX_BYTES = 512 * 1024
+MAX_FUSED_ROWS = 64  # one program (and one signal slot per peer) a row
+
+if triton is not None:
+    @triton.jit
+    def _all_reduce_add_rms_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
+                                        buffers, pads, half_offset, rank,
+                                        stride_x, stride_r, stride_o, stride_nr, hidden, eps,
+                                        WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                        BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < hidden
+        dtype = x_ptr.dtype.element_ty
+        buffers = buffers.to(tl.pointer_type(tl.uint64))
+        pads = pads.to(tl.pointer_type(tl.uint64))
+        slot = half_offset + row.to(tl.int64) * hidden
+        mine = tl.multiple_of(tl.load(buffers + rank).to(tl.pointer_type(dtype)), 16)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+        tl.store(mine + slot + cols, x, mask=mask)
+        # the barrier: this row's stores reach every peer before its signal does
+        tl.debug_barrier()
+        my_pad = tl.load(pads + rank).to(tl.pointer_type(tl.int32))
+        for peer in tl.static_range(WORLD):
+            if peer != rank:
+                their_pad = tl.load(pads + peer).to(tl.pointer_type(tl.int32))
+                # a slot left at 1 is a signal the peer has not taken yet: wait for it
+                while tl.atomic_cas(their_pad + row * WORLD + rank, 0, 1, sem="release",
+                                    scope="sys") != 0:
+                    pass
+        for peer in tl.static_range(WORLD):
+            if peer != rank:
+                while tl.atomic_cas(my_pad + row * WORLD + peer, 1, 0, sem="acquire",
+                                    scope="sys") != 1:
+                    pass
+        tl.debug_barrier()
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for peer in tl.static_range(WORLD):
+            theirs = tl.multiple_of(tl.load(buffers + peer).to(tl.pointer_type(dtype)), 16)
+            # past L1, which may hold this address from an earlier call
+            acc += tl.load(theirs + slot + cols, mask=mask, other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
+        # from here as kernels/rmsnorm.py: the sum, the bias add and the residual add, each
+        # rounded to the activation dtype as the unfused all-reduce and adds are
+        total = acc.to(dtype)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + cols, mask=mask, other=0.0)
+            total = (total.to(tl.float32) + b.to(tl.float32)).to(dtype)
+        r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0)
+        h = (total.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(new_res_ptr + row.to(tl.int64) * stride_nr + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        var = tl.sum(hf * hf, axis=0) / hidden
+        hn = (hf * tl.rsqrt(var + eps)).to(dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        out = w.to(tl.float32) * hn.to(tl.float32)
+        tl.store(out_ptr + row.to(tl.int64) * stride_o + cols,
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 class SymmAllReduce:
@@ -44,6 +118,11 @@ class SymmAllReduce:
         self.dtype = dtype
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
+        # add_rms_norm's two halves; its own signal pads, apart from the op above
+        self.half_numel = max_bytes // dtype.itemsize
+        self.fused = symm_mem.empty(2 * self.half_numel, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.fused, self.group_name)
+        self.join_norm = os.environ.get("TPSERVE_ALLREDUCE", "auto") != "unfused"
 
     @classmethod
     def create(cls, group: dist.ProcessGroup, dtype: torch.dtype,
@@ -56,25 +135,60 @@ class SymmAllReduce:
             return None
         if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return None
-        fast = None
+        fast, ok, joined = None, False, False
         try:
             fast = cls(group, dtype, device)
             probe = torch.full((1024,), float(dist.get_rank(group) + 1), dtype=dtype,
                                device=device)
-            got = fast(probe)
-            world = dist.get_world_size(group)
-            ok = bool((got == world * (world + 1) / 2).all())
+            total = sum(range(1, dist.get_world_size(group) + 1))
+            ok = bool((fast(probe) == total).all())
+            joined = ok and fast.join_norm and fast._joined_works(probe, total)
         except Exception as exc:  # noqa: BLE001  any failure here only means: keep NCCL
-            logger.warning("one-shot all-reduce unavailable (%s); using NCCL", exc)
-            ok = False
+            what = "all-reduce joined with the norm" if ok else "one-shot all-reduce"
+            logger.warning("%s unavailable (%s); not using it", what, exc)
         # every rank must take the same path, or their collectives would not match
-        flag = torch.tensor([int(ok)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        return fast if ok and flag.item() == 1 else None
+        flags = torch.tensor([int(ok), int(joined)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+        if flags[0].item() != 1:
+            return None
+        fast.join_norm = flags[1].item() == 1
+        return fast
+
+    def _joined_works(self, probe: torch.Tensor, total: float) -> bool:
+        ones = torch.ones(1, probe.numel(), dtype=probe.dtype, device=probe.device)
+        ok = True
+        for half in (0, 1):  # ends on 1: a decoder's first call takes 0
+            out, res = self.add_rms_norm(probe.view(1, -1), ones.clone(), ones.view(-1), 0.0,
+                                         None, half)
+            ok = ok and bool((res == total + 1).all()) and bool(((out - 1).abs() < 1e-2).all())
+        return ok
 
     def fits(self, x: torch.Tensor) -> bool:
         return (x.dtype == self.dtype and x.is_contiguous()
                 and x.numel() <= self.buffer.numel())
+
+    def fits_fused(self, x: torch.Tensor) -> bool:
+        return (self.join_norm and x.dim() == 2 and x.shape[0] <= MAX_FUSED_ROWS
+                and x.dtype == self.dtype and x.stride(-1) == 1 and x.numel() <= self.half_numel)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float, bias: torch.Tensor | None, half: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(h) * weight, h) for h = (sum over ranks of `x`) + bias + residual, of
+        [rows, hidden] partial sums `x` (see fits_fused), in one kernel. `half`, 0 or 1,
+        must differ from the previous call's (see the module's docstring)."""
+        rows, hidden = x.shape
+        residual = residual.reshape(rows, hidden)
+        out, new_residual = torch.empty_like(x), torch.empty_like(residual)
+        if rows:
+            h = self.handle
+            _all_reduce_add_rms_norm_kernel[(rows,)](
+                x, x if bias is None else bias, residual, weight, out, new_residual,
+                h.buffer_ptrs_dev, h.signal_pad_ptrs_dev, half * self.half_numel, h.rank,
+                x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0), hidden,
+                eps, WORLD=h.world_size, HAS_BIAS=bias is not None,
+                BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8)
+        return out, new_residual
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         staging = self.buffer[:x.numel()].view(x.shape)  # the op wants equal shapes

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...kernels import (apply_rotary, build_cos_sin_cache, fused_add_rms_norm, paged_attention,
-                        rms_norm, silu_and_mul, store_kv_cache)
+from ...kernels import (apply_rotary, build_cos_sin_cache, paged_attention, rms_norm,
+                        silu_and_mul, store_kv_cache)
 from ...parallel.comm import LocalGroup, TPGroup
 from ...parallel.linear import (LinearMethod, ParallelLinear, ParallelLMHead,
                                 VocabParallelEmbedding)
@@ -28,10 +28,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.register_buffer("weight", torch.ones(size, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -86,30 +84,41 @@ class MLP(nn.Module):
         self.down_proj = ParallelLinear(inter, cfg.hidden_size, False, method, dtype, reduce=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        """This rank's partial sums of the output (see DecoderLayer.pre_attention)."""
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)), partial=True)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: ShardPlan, method: LinearMethod,
                  dtype: torch.dtype, group: TPGroup) -> None:
         super().__init__()
+        self.group = group
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, plan, method, dtype, group)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, plan, method, dtype, group)
 
     def pre_attention(self, x, residual, positions, slot_mapping, cos_sin, kv):
-        """(queries, residual): the input norm and the q/k/v projection, K and V cached."""
+        """(queries, residual): the input norm and the q/k/v projection, K and V cached.
+        x is the embeddings (residual None) or the previous layer's MLP partial sums."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = reduce_add_norm(self.group, x, residual, self.input_layernorm, None, 1)
         return self.self_attn.project(x, positions, slot_mapping, cos_sin, kv), residual
 
     def post_attention(self, attn, residual):
-        """(output, residual): the output projection, the second norm and the MLP."""
-        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn), residual)
+        """(MLP partial sums, residual): the output projection, the second norm, the MLP."""
+        o_proj = self.self_attn.o_proj
+        x, residual = reduce_add_norm(self.group, o_proj(attn, partial=True), residual,
+                                      self.post_attention_layernorm, o_proj.bias, 0)
         return self.mlp(x), residual
+
+
+def reduce_add_norm(group: TPGroup, partial, residual, norm: RMSNorm, bias, half: int):
+    """A row-parallel layer's all-reduce with the bias add, residual add and norm after it.
+    The calls of a forward alternate halves: 0 after attention, 1 after the MLP."""
+    return group.all_reduce_add_rms_norm(partial, residual, norm.weight, norm.eps, bias, half)
 
 
 class DecoderModel(nn.Module):
@@ -120,6 +129,7 @@ class DecoderModel(nn.Module):
                  max_positions: int | None = None) -> None:
         super().__init__()
         self.config = cfg
+        self.group = group
         self.embed_tokens = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, dtype, group)
         self.layers = nn.ModuleList(DecoderLayer(cfg, plan, method, dtype, group)
                                     for _ in range(cfg.num_layers))
@@ -150,7 +160,7 @@ class DecoderModel(nn.Module):
         else:
             x, residual = self.layers[i - 1].post_attention(x, residual)
         if i == len(self.layers):
-            return self.norm(x, residual)[0], None
+            return reduce_add_norm(self.group, x, residual, self.norm, None, 1)[0], None
         return self.layers[i].pre_attention(x, residual, positions, slot_mapping, self.cos_sin,
                                             kv_cache.layer(i))
 

@@ -1,5 +1,7 @@
-"""The one-shot symmetric-memory all-reduce equals NCCL's, eagerly and replayed
-from a CUDA graph, on decode-sized messages of awkward widths, over 2 GPUs."""
+"""The one-shot symmetric-memory all-reduce equals NCCL's, and the all-reduce joined
+with the bias add, residual add and RMSNorm equals NCCL's all-reduce followed by
+those steps, eagerly and replayed from a CUDA graph, on decode-sized messages of
+awkward widths, over 2 GPUs."""
 from __future__ import annotations
 
 import os
@@ -55,9 +57,58 @@ def rank_main(rank: int, world: int, port: int, results: dict) -> None:
         dist.all_reduce(want)
         graph.replay()
         errors.append((out - want).abs().max().item())
-    results[rank] = (group.one_shot is not None, max(errors))
+    results[rank] = (group.one_shot is not None, max(errors), fused_errors(group, device, gen))
     dist.barrier()
     os._exit(0)  # destroy_process_group can wait forever on symmetric-memory teardown
+
+
+def unfused(x, residual, weight, bias):
+    import torch.distributed as dist
+
+    from tpserve.kernels import fused_add_rms_norm
+
+    total = x.clone()
+    dist.all_reduce(total)
+    if bias is not None:
+        total = total + bias
+    return fused_add_rms_norm(total, residual, weight, 1e-5)
+
+
+def fused_errors(group, device, gen) -> float:
+    """Largest difference of the joined kernel from NCCL + the separate kernels,
+    relative to the values' scale, over back-to-back calls and graph replays."""
+    def rand(*shape, scale=1.0):  # the same weights and bias on every rank
+        return (torch.randn(shape, generator=gen, device=device) * scale).to(torch.bfloat16)
+
+    errs = []
+    for rows, hidden in [(1, 4096), (3, 5120), (7, 8), (64, 4096)]:
+        weight = torch.ones(hidden, dtype=torch.bfloat16, device=device) + 0.1
+        for i in range(12):  # back to back, the halves in turn
+            bias = weight * 0.5 if i % 3 == 0 else None
+            x, residual = rand(rows, hidden), rand(rows, hidden, scale=4)
+            out, res = group.all_reduce_add_rms_norm(x, residual, weight, 1e-5, bias, i % 2)
+            want_out, want_res = unfused(x, residual, weight, bias)
+            errs += [(res - want_res).abs().max().item() / 4, (out - want_out).abs().max().item()]
+    x, residual = rand(5, 4096), rand(5, 4096)
+    weight = torch.ones(4096, dtype=torch.bfloat16, device=device)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for half in (0, 1):
+            group.all_reduce_add_rms_norm(x, residual, weight, 1e-5, None, half)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # two calls a replay, as a decoder layer makes
+        mid, mid_res = group.all_reduce_add_rms_norm(x, residual, weight, 1e-5, None, 0)
+        out, res = group.all_reduce_add_rms_norm(mid, mid_res, weight, 1e-5, None, 1)
+    for _ in range(10):
+        x.copy_(rand(5, 4096))
+        residual.copy_(rand(5, 4096))
+        graph.replay()
+        want_mid, want_mid_res = unfused(x, residual, weight, None)
+        want_out, want_res = unfused(want_mid, want_mid_res, weight, None)
+        errs += [(mid - want_mid).abs().max().item(), (out - want_out).abs().max().item(),
+                 (res - want_res).abs().max().item() / 4]
+    return max(errs)
 
 
 def test_one_shot_all_reduce_matches_nccl():
@@ -68,7 +119,9 @@ def test_one_shot_all_reduce_matches_nccl():
         mp.spawn(rank_main, args=(world, free_port(), results), nprocs=world)
         results = dict(results)
     for rank in range(world):
-        used, err = results[rank]
+        used, err, fused_err = results[rank]
         assert used, "the one-shot path was not set up on a 2-GPU machine"
         # both sum two bf16 values in float and round once: they may differ by one ulp
         assert err <= 2 ** -6 * 8, f"rank {rank}: max error {err}"
+        # normalized values are O(1): one bf16 ulp of them, at most
+        assert fused_err <= 2 ** -6, f"rank {rank}: joined kernel off by {fused_err}"
