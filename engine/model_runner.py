@@ -80,6 +80,8 @@ class ModelRunner:
                                        device=self.device) if group.world_size > 1 else None
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
+        if self.device.type == "cuda":
+            self._compile_prompt_attention()
         if self.device.type == "cuda" and not config.eager_mode:
             with torch.inference_mode(), explain_capture_oom(config):
                 self.graphs = DecodeGraphs(self._forward, self.device, config.max_batch_size,
@@ -88,6 +90,26 @@ class ModelRunner:
                 self.mixed_graphs = MixedGraphs(
                     self.model, self.kv_cache, self.device, self.dtype,
                     min(MIXED_GRAPH_TOKENS, config.max_prefill_tokens))
+
+    @torch.inference_mode()
+    def _compile_prompt_attention(self) -> None:
+        """Runs layer 0's attention over one prompt of each query tile height the prefill
+        kernel picks by a step's longest prompt chunk, so that Triton compiles those
+        variants now and not when a served request first needs one (a stall of a second
+        or more). It reads the cache and writes nothing."""
+        i32 = dict(dtype=torch.int32, device=self.device)
+        none = torch.zeros(0, dtype=torch.int64, device=self.device)
+        attn = self.model.layers[0].self_attn
+        for n in (16, 32, 64, 128):  # attention_prefill: 16 rows up to its launch's max
+            blocks = -(-n // self.block_size)
+            if blocks > self.num_blocks:
+                break
+            batch = ForwardBatch(
+                input_ids=none, positions=none, slot_mapping=none, logits_indices=none,
+                block_tables=torch.arange(blocks, **i32)[None], seq_lens=torch.tensor([n], **i32),
+                query_start_loc=torch.tensor([0, n], **i32), max_query_len=n, max_seq_len=n)
+            q = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=self.dtype, device=self.device)
+            self.model.attend(0, q, batch, self.kv_cache)
 
     def _count_blocks(self, per_block: int) -> int:
         c = self.config

@@ -18,6 +18,12 @@ import torch
 
 from ._dispatch import HAS_TRITON, cdiv, next_pow2, num_sms
 
+# Arguments that change from step to step (the block table's width, the number of
+# splits, slices of a step's tensors). Triton would specialize on them (== 1, divisible
+# by 16, 16-byte aligned) and compile a new variant, a stall of a second or more, the
+# first time a running server meets each combination; they only address scalars here.
+PER_STEP_ARGS = ("table_ptr", "seq_lens_ptr", "s_tab", "s_po_b", "s_po_h", "s_pl_b", "s_pl_h")
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -60,7 +66,7 @@ if HAS_TRITON:
             v_scale, v_zp = kv_scales_at(vs_ptr, page, in_page, valid, kvh, s_sb, s_ss, s_sh)
         return k, v, k_scale, k_zp, v_scale, v_zp
 
-    @triton.jit
+    @triton.jit(do_not_specialize=PER_STEP_ARGS)
     def _decode_split_kernel(
             q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, po_ptr, pl_ptr,
             scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
@@ -160,7 +166,7 @@ if HAS_TRITON:
         else:  # the same bits with portable ops (Triton's CPU interpreter)
             return (((c.to(tl.int32) + 128) << 8) | 0x3F800000).to(tl.float32, bitcast=True)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=PER_STEP_ARGS)
     def _decode_mha_int8_kernel(
             q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, po_ptr, pl_ptr,
             scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
@@ -224,7 +230,7 @@ if HAS_TRITON:
         tl.store(po, out, mask=dmask[None, :])
         tl.store(pl_ptr + b * s_pl_b + h * s_pl_h + split + tl.arange(0, 1), lse)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("num_splits", "s_po_b", "s_po_h", "s_pl_b", "s_pl_h"))
     def _decode_reduce_kernel(po_ptr, pl_ptr, out_ptr, num_splits, s_po_b, s_po_h, s_po_s,
                               s_pl_b, s_pl_h, so_t, so_h, head_dim,
                               SPLITS_PAD: tl.constexpr, D_PAD: tl.constexpr):

@@ -21,7 +21,8 @@ if HAS_TRITON:
 
     from .paged_kv import load_kv_scales, load_kv_tile, online_softmax_step
 
-    @triton.jit
+    # step-to-step arguments, not specialized on: see attention_decode.PER_STEP_ARGS
+    @triton.jit(do_not_specialize=("table_ptr", "seq_lens_ptr", "qsl_ptr", "s_tab"))
     def _prefill_kernel(
             q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
             scale_log2, window, sq_t, sq_h, so_t, so_h, s_tab, s_kb, s_ks, s_kh,

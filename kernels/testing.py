@@ -2,7 +2,8 @@
 
 ``make_paged_problem`` lays out requests in a shuffled paged KV cache the way
 the engine does (a cached prefix already stored, new tokens still to store);
-``random_awq`` builds AutoAWQ GEMM-packed weights with ``pack_awq``.
+``random_awq`` builds AutoAWQ GEMM-packed weights with ``pack_awq``;
+``TritonVariants`` records the kernel variants Triton compiles inside a block.
 """
 
 from __future__ import annotations
@@ -115,3 +116,38 @@ def random_awq(k: int, n: int, group_size: int, dtype=torch.float16, device="cpu
     s = torch.rand(k // group_size, n, generator=gen) * 0.02 + 0.002
     return (pack_awq(q).to(device), s.to(dtype=dtype, device=device),
             pack_awq(z).to(device))
+
+
+class TritonVariants:
+    """Records the Triton kernel variants first needed inside a `with` block: each is
+    compiled (or read from Triton's disk cache) on the spot, a stall of up to seconds
+    that a timed run should not contain. Empty where this Triton has no such hook."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def _hook(self, *, repr: str, key=None, **_) -> bool:
+        # the name, then the key: each argument's type and what was specialized on
+        self.seen.append(f"{repr.split('[', 1)[0]} {key}")
+        return False  # True would skip the compile
+
+    def __enter__(self) -> "TritonVariants":
+        try:
+            from triton import knobs
+            self._knobs, self._old = knobs.runtime, knobs.runtime.jit_cache_hook
+            knobs.runtime.jit_cache_hook = self._hook
+        except (ImportError, AttributeError):
+            self._knobs = None
+        self.available = self._knobs is not None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._knobs is not None:
+            self._knobs.jit_cache_hook = self._old
+
+    def summary(self) -> str:
+        names: dict[str, int] = {}
+        for r in self.seen:
+            name = r.split(" ", 1)[0]
+            names[name] = names.get(name, 0) + 1
+        return ", ".join(f"{n} x{c}" for n, c in sorted(names.items())) or "none"

@@ -90,9 +90,12 @@ def main() -> None:
                    help="launch steps that are not pure decodes eagerly (tp=1; for comparison)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--verbose-variants", action="store_true",
+                   help="list each Triton variant first met in the timed run")
     args = p.parse_args()
 
     from tpserve.engine.llm import LLM
+    from tpserve.kernels.testing import TritonVariants
 
     cfg = model_config(args.shape, args.layers)
     ws = workspace_for(cfg, args.workspace, args.tp, args.awq_group)
@@ -106,7 +109,12 @@ def main() -> None:
     # warm-up: enough requests for mixed steps of many sizes, so that Triton compiles
     # its kernels' variants here and not inside the timed run
     run_tpserve(llm, workload(min(64, args.num_prompts), seed=1))
-    secs, steps, batch = run_tpserve(llm, reqs)
+    with TritonVariants() as variants:
+        secs, steps, batch = run_tpserve(llm, reqs)
+    print(f"Triton variants first met in the timed run: {len(variants.seen)} "
+          f"({variants.summary()})")
+    if args.verbose_variants:
+        print("\n".join(variants.seen))
     out_tokens = sum(o for _, o in reqs)
     stats = llm.engine.stats()
     rows = [dict(engine=args.label, requests=len(reqs), seconds=secs, req_s=len(reqs) / secs,

@@ -1,6 +1,7 @@
 """The serving engine on a GPU at real widths (Llama-3-8B's hidden size, heads,
 GQA and vocab; two layers): greedy tokens equal transformers' in every engine
-scenario, with decode running through CUDA graphs; and graphs equal eager."""
+scenario, with decode running through CUDA graphs; graphs equal eager; and the
+prefill kernel's variants are compiled as the engine starts, not while it serves."""
 from __future__ import annotations
 
 import shutil
@@ -120,3 +121,35 @@ def test_async_scheduling_equals_one_step_at_a_time(real_width):
     assert runs[True] == runs[False]
     plain, stopped, _ = runs[True]
     assert len(stopped[0]) == plain[0].index(plain[0][5]) + 1 < len(plain[0])  # stopped early
+
+
+
+@pytest.mark.parametrize("at_start", [True, False])
+def test_prompt_attention_is_compiled_at_start(real_width, monkeypatch, at_start):
+    """Prompts that need each query tile height of the prefill kernel, one at a time,
+    meet no variant of it left to compile: the runner compiled them as it started.
+    Without that (at_start=False) the same prompts compile three while serving."""
+    from tpserve.engine.model_runner import ModelRunner
+    from tpserve.kernels.attention_prefill import _prefill_kernel
+    from tpserve.kernels.testing import TritonVariants
+
+    if not hasattr(_prefill_kernel, "device_caches"):
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+    if not at_start:
+        monkeypatch.setattr(ModelRunner, "_compile_prompt_attention", lambda self: None)
+    ws, _ = real_width
+    _prefill_kernel.device_caches.clear()  # as in a fresh process (earlier tests ran it)
+    llm = LLM(ws, **OPTIONS)
+    try:
+        with TritonVariants() as variants:
+            for n in (5, 20, 40, 100, 300):  # tiles of 16, 32, 64, 64 and 64 rows
+                greedy(llm, [list(range(1, n + 1))], 1)
+    finally:
+        llm.shutdown()
+    if not variants.available:
+        pytest.skip("this Triton has no compile hook")
+    late = [v for v in variants.seen if v.startswith("_prefill_kernel")]
+    if at_start:
+        assert not late, f"{len(late)} prefill variants compiled while serving: {late}"
+    else:
+        assert len(late) >= 3, late
