@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..kernels import awq_dequantize, int4_tinygemm, w4a16_gemm
+from ..kernels.gemv import linear
 from .comm import LocalGroup, TPGroup
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class UnquantizedMethod:
         return {"weight": torch.cat([q["weight"] for q in parts], dim=0)}
 
     def apply(self, p, x):
-        return torch.nn.functional.linear(x, p["weight"])
+        return linear(x, p["weight"])
 
     def finalize(self, layer: "ParallelLinear") -> None:
         pass
@@ -227,6 +228,6 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, tied: torch.Tensor | None = None) -> torch.Tensor:
         """tied: the embedding's shard, for models whose output reuses it."""
-        logits = torch.nn.functional.linear(hidden, self.weight if tied is None else tied)
+        logits = linear(hidden, self.weight if tied is None else tied)
         logits = self.group.all_gather(logits, dim=-1)
         return logits[..., :self.vocab_size]

@@ -55,6 +55,14 @@ def _elementwise(torch, kernels, ref):
             for a, b in zip(kernels.apply_rotary(q, k, pos, cache),
                             ref.apply_rotary(q, k, pos, cache)):
                 _close("apply_rotary", a, b, tol)
+    from tpserve.kernels.gemv import gemv
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-3)):
+        for n, k, launch in ((37, 300, {}), (37, 300, dict(block_n=8, block_k=64)),
+                             (5, 2100, dict(block_n=2, block_k=256, num_warps=1))):
+            x = torch.randn(1, k, generator=gen).to(dtype)
+            w = torch.randn(n, k, generator=gen).to(dtype)
+            want = x.double() @ w.double().T  # ragged edges in both N and K
+            _close(f"gemv {n}x{k} {launch}", gemv(x, w, **launch), want, tol, tol)
 
 
 def _store_both(torch, kernels, ref, p, static):

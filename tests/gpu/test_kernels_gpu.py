@@ -143,6 +143,23 @@ def test_w4a16_gemm(k, n, m):
     _close(got, want, 1e-2 * want.float().abs().max().item(), 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(3072, 4096), (4096, 2048), (28672, 4096), (4096, 14336),
+                                 (4100, 1000)])
+def test_gemv_against_float64(n, k, dtype):
+    """The one-row matmul at the Llama-3-8B shapes (whole and halved), and ragged ones."""
+    from tpserve.kernels.gemv import gemv, linear
+    x = torch.randn(1, k, device="cuda").to(dtype)
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dtype)
+    want = x.double() @ w.double().T
+    eps = torch.finfo(dtype).eps
+    _close(gemv(x, w), want, 4 * eps, 4 * eps)
+    # the layers' entry point takes it for one row, cuBLAS for more
+    _close(linear(x.view(1, 1, k), w).view(1, n), want, 4 * eps, 4 * eps)
+    x3 = torch.randn(3, k, device="cuda").to(dtype)
+    _close(linear(x3, w), x3.double() @ w.double().T, 4 * eps, 4 * eps)
+
+
 @pytest.mark.parametrize("m", [1, 5, 64])
 @pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 28672), (14336, 4096), (2048, 4096)])
 def test_int4_tinygemm_matches_awq(k, n, m):
