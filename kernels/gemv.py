@@ -26,6 +26,7 @@ it was 1.6-2.7x slower than cuBLAS, so `linear` takes it for one row only.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -33,8 +34,17 @@ import torch
 from ._dispatch import HAS_TRITON, cdiv, use_triton
 
 LAUNCH = dict(block_n=4, block_k=1024, num_warps=2)
-# TPSERVE_GEMV=0: every matmul through cuBLAS (for comparison)
-ENABLED = os.environ.get("TPSERVE_GEMV", "1") != "0"
+
+
+def _enabled_from_env() -> bool:
+    """TPSERVE_GEMV=0: every matmul through cuBLAS (for comparison); 1 is the default."""
+    raw = os.environ.get("TPSERVE_GEMV", "1")
+    if raw not in ("0", "1"):
+        logging.getLogger(__name__).warning("TPSERVE_GEMV=%r is not 0 or 1; using 1", raw)
+    return raw != "0"
+
+
+ENABLED = _enabled_from_env()
 
 if HAS_TRITON:
     import triton

@@ -8,6 +8,7 @@ the engine does (a cached prefix already stored, new tokens still to store);
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -121,33 +122,33 @@ def random_awq(k: int, n: int, group_size: int, dtype=torch.float16, device="cpu
 class TritonVariants:
     """Records the Triton kernel variants first needed inside a `with` block: each is
     compiled (or read from Triton's disk cache) on the spot, a stall of up to seconds
-    that a timed run should not contain. Empty where this Triton has no such hook."""
+    that a timed run should not contain. `available` is False (and nothing is seen)
+    where this Triton has no compile hook."""
 
     def __init__(self) -> None:
-        self.seen: list[str] = []
+        self.seen: list[tuple[str, str]] = []  # (kernel name, its key)
+        self.available = False
 
     def _hook(self, *, repr: str, key=None, **_) -> bool:
-        # the name, then the key: each argument's type and what was specialized on
-        self.seen.append(f"{repr.split('[', 1)[0]} {key}")
+        # the key: each argument's type and what was specialized on
+        self.seen.append((repr.split("[", 1)[0], str(key)))
         return False  # True would skip the compile
 
     def __enter__(self) -> "TritonVariants":
         try:
             from triton import knobs
-            self._knobs, self._old = knobs.runtime, knobs.runtime.jit_cache_hook
+            self._old = knobs.runtime.jit_cache_hook
             knobs.runtime.jit_cache_hook = self._hook
+            self.available = True
         except (ImportError, AttributeError):
-            self._knobs = None
-        self.available = self._knobs is not None
+            pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._knobs is not None:
-            self._knobs.jit_cache_hook = self._old
+        if self.available:
+            from triton import knobs
+            knobs.runtime.jit_cache_hook = self._old
 
     def summary(self) -> str:
-        names: dict[str, int] = {}
-        for r in self.seen:
-            name = r.split(" ", 1)[0]
-            names[name] = names.get(name, 0) + 1
-        return ", ".join(f"{n} x{c}" for n, c in sorted(names.items())) or "none"
+        counts = Counter(name for name, _ in self.seen)
+        return ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) or "none"

@@ -46,6 +46,19 @@ logger = logging.getLogger(__name__)
 MAX_BYTES = 512 * 1024
 MAX_FUSED_ROWS = 64  # one program (and one signal slot per peer) a row
 
+MODES = ("auto", "nccl", "unfused")
+
+
+def all_reduce_mode() -> str:
+    """TPSERVE_ALLREDUCE, checked: an unknown value warns and means auto."""
+    mode = os.environ.get("TPSERVE_ALLREDUCE", "auto")
+    if mode not in MODES:
+        logger.warning("TPSERVE_ALLREDUCE=%r is not one of %s; using auto", mode,
+                       ", ".join(MODES))
+        return "auto"
+    return mode
+
+
 if triton is not None:
     @triton.jit
     def _all_reduce_add_rms_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
@@ -122,14 +135,14 @@ class SymmAllReduce:
         self.half_numel = max_bytes // dtype.itemsize
         self.fused = symm_mem.empty(2 * self.half_numel, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.fused, self.group_name)
-        self.join_norm = os.environ.get("TPSERVE_ALLREDUCE", "auto") != "unfused"
+        self.join_norm = all_reduce_mode() != "unfused"
 
     @classmethod
     def create(cls, group: dist.ProcessGroup, dtype: torch.dtype,
                device: torch.device) -> SymmAllReduce | None:
         """A checked instance, or None where the one-shot path cannot run here.
         Collective: every rank of the group calls it with the same arguments."""
-        if os.environ.get("TPSERVE_ALLREDUCE", "auto") == "nccl":
+        if all_reduce_mode() == "nccl":
             return None
         if not same_host(group):  # peer memory reaches only the GPUs of one node
             return None

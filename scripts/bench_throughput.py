@@ -114,7 +114,7 @@ def main() -> None:
     print(f"Triton variants first met in the timed run: {len(variants.seen)} "
           f"({variants.summary()})")
     if args.verbose_variants:
-        print("\n".join(variants.seen))
+        print("\n".join(f"{name} {key}" for name, key in variants.seen))
     out_tokens = sum(o for _, o in reqs)
     stats = llm.engine.stats()
     rows = [dict(engine=args.label, requests=len(reqs), seconds=secs, req_s=len(reqs) / secs,

@@ -208,3 +208,18 @@ def test_calibrated_scales_need_their_params():
         store_kv_cache(p.k_new, p.v_new, p.k_cache, p.v_cache, p.slot_mapping, ks, vs)
     with pytest.raises(ValueError, match="do not fit"):
         calibrated_scales((0.1, 0.0, 0.1), p.k_cache.shape)
+
+
+def test_bad_kernel_switches_warn_and_keep_the_default(monkeypatch, caplog):
+    """A mistyped TPSERVE_GEMV / TPSERVE_ALLREDUCE names the values it takes."""
+    from tpserve.kernels import gemv
+    from tpserve.parallel import symm_all_reduce
+
+    for raw, want in (("0", False), ("1", True), ("off", True)):
+        monkeypatch.setenv("TPSERVE_GEMV", raw)
+        assert gemv._enabled_from_env() is want
+    assert "TPSERVE_GEMV='off' is not 0 or 1" in caplog.text
+    for raw, want in (("nccl", "nccl"), ("unfused", "unfused"), ("NCCL", "auto")):
+        monkeypatch.setenv("TPSERVE_ALLREDUCE", raw)
+        assert symm_all_reduce.all_reduce_mode() == want
+    assert "'NCCL' is not one of auto, nccl, unfused" in caplog.text
