@@ -9,14 +9,18 @@ itself; it needs no multicast (NVLS), and a barrier at its end lets the next
 call reuse the buffer. It works inside CUDA graphs: the buffer never moves.
 
 A decode step's all-reduces each feed a residual add and an RMSNorm. Up to
-MAX_FUSED_ROWS rows, `add_rms_norm` does the three in one kernel (below):
-each row's program copies its partial sums into this rank's half of a second
-symmetric buffer, meets the other ranks' programs for that row at a barrier
-of signal pads, sums all ranks' rows over NVLink, adds the bias and the
-residual and normalizes. The caller names the half, and consecutive calls must
-name different ones (the decoder: 0 after attention, 1 after the MLP); then no
-barrier is needed at the end, as a rank writes a half again only after every
-rank has started the call between, and so finished reading that half.
+MAX_FUSED_ROWS rows of 16-bit values, `add_rms_norm` does the three in one kernel
+(below), with no barrier: each row's program writes its partial sums straight
+into every peer's symmetric buffer, in the slot of that row from this rank, and
+waits until the slots the peers write into its own buffer hold data. An empty
+slot holds -0.0 in every element (the data travel with -0.0 made +0.0), so the
+data are their own signal and arrive in one trip over NVLink; the program sums
+the rows in rank order (every rank gets the same bits), adds the bias and the
+residual, normalizes, and empties the slots it read. The caller names a buffer
+half, and consecutive calls must name different ones (the decoder: 0 after
+attention, 1 after the MLP): a peer writes a half again only two calls later,
+after it has received this rank's rows of the call between, which this rank sends
+only once it has emptied that half.
 
 `SymmAllReduce.create` returns None where it cannot work (ranks on several
 nodes, no symmetric memory in this torch build, no peer access between the
@@ -44,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 # up to 64 decode rows of a 4096-wide bf16 hidden state; past that NCCL catches up
 MAX_BYTES = 512 * 1024
-MAX_FUSED_ROWS = 64  # one program (and one signal slot per peer) a row
+MAX_FUSED_ROWS = 64  # one program a row
 
 MODES = ("auto", "nccl", "unfused")
 
@@ -60,60 +64,56 @@ def all_reduce_mode() -> str:
 
 
 if triton is not None:
+    EMPTY = tl.constexpr(-32768)  # the bits of a 16-bit -0.0: no data has reached it
+
     @triton.jit
     def _all_reduce_add_rms_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
-                                        buffers, pads, half_offset, rank,
+                                        buffers, half_offset, slot_stride, rank,
                                         stride_x, stride_r, stride_o, stride_nr, hidden, eps,
                                         WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                                         BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
         dtype = x_ptr.dtype.element_ty
         buffers = buffers.to(tl.pointer_type(tl.uint64))
-        pads = pads.to(tl.pointer_type(tl.uint64))
-        slot = half_offset + row.to(tl.int64) * hidden
-        mine = tl.multiple_of(tl.load(buffers + rank).to(tl.pointer_type(dtype)), 16)
-        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
-        tl.store(mine + slot + cols, x, mask=mask)
-        # the barrier: this row's stores reach every peer before its signal does
-        tl.debug_barrier()
-        my_pad = tl.load(pads + rank).to(tl.pointer_type(tl.int32))
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        bits = x.to(tl.int16, bitcast=True)
+        bits = tl.where(bits == EMPTY, 0, bits).to(tl.int16)  # -0.0 travels as +0.0
+        # this row from this rank: the slot `rank` of the row in every peer's half
+        offset = half_offset + rank * slot_stride + row * hidden
         for peer in tl.static_range(WORLD):
             if peer != rank:
-                their_pad = tl.load(pads + peer).to(tl.pointer_type(tl.int32))
-                # a slot left at 1 is a signal the peer has not taken yet: wait for it
-                while tl.atomic_cas(their_pad + row * WORLD + rank, 0, 1, sem="release",
-                                    scope="sys") != 0:
-                    pass
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                while tl.atomic_cas(my_pad + row * WORLD + peer, 1, 0, sem="acquire",
-                                    scope="sys") != 1:
-                    pass
-        tl.debug_barrier()
+                theirs = tl.multiple_of(tl.load(buffers + peer).to(tl.pointer_type(tl.int16)), 16)
+                tl.store(theirs + offset + cols, bits, mask=mask)
+        mine = tl.multiple_of(tl.load(buffers + rank).to(tl.pointer_type(tl.int16)), 16)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for peer in tl.static_range(WORLD):
-            theirs = tl.multiple_of(tl.load(buffers + peer).to(tl.pointer_type(dtype)), 16)
-            # past L1, which may hold this address from an earlier call
-            acc += tl.load(theirs + slot + cols, mask=mask, other=0.0,
-                           cache_modifier=".cg").to(tl.float32)
+        for src in tl.static_range(WORLD):
+            if src == rank:
+                got = bits
+            else:
+                slot = mine + half_offset + src * slot_stride + row * hidden + cols
+                # volatile: from memory each time, past the caches an earlier call filled
+                got = tl.load(slot, mask=mask, other=0, volatile=True)
+                while tl.max((got == EMPTY).to(tl.int32), axis=0) != 0:
+                    got = tl.load(slot, mask=mask, other=0, volatile=True)
+                tl.store(slot, tl.full([BLOCK], EMPTY, tl.int16), mask=mask)
+            acc += got.to(dtype, bitcast=True).to(tl.float32)
         # from here as kernels/rmsnorm.py: the sum, the bias add and the residual add, each
         # rounded to the activation dtype as the unfused all-reduce and adds are
         total = acc.to(dtype)
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=mask, other=0.0)
             total = (total.to(tl.float32) + b.to(tl.float32)).to(dtype)
-        r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0)
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         h = (total.to(tl.float32) + r.to(tl.float32)).to(dtype)
-        tl.store(new_res_ptr + row.to(tl.int64) * stride_nr + cols, h, mask=mask)
+        tl.store(new_res_ptr + row * stride_nr + cols, h, mask=mask)
         hf = h.to(tl.float32)
         var = tl.sum(hf * hf, axis=0) / hidden
         hn = (hf * tl.rsqrt(var + eps)).to(dtype)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         out = w.to(tl.float32) * hn.to(tl.float32)
-        tl.store(out_ptr + row.to(tl.int64) * stride_o + cols,
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 class SymmAllReduce:
@@ -131,11 +131,15 @@ class SymmAllReduce:
         self.dtype = dtype
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
-        # add_rms_norm's two halves; its own signal pads, apart from the op above
-        self.half_numel = max_bytes // dtype.itemsize
-        self.fused = symm_mem.empty(2 * self.half_numel, dtype=dtype, device=device)
+        # add_rms_norm's two halves, each a slot of max_bytes for every rank, all empty
+        # (-0.0) before any peer can write: the probe's one-shot call orders them
+        self.world = dist.get_world_size(group)
+        self.slot_numel = max_bytes // dtype.itemsize
+        self.fused = symm_mem.empty(2 * self.world * self.slot_numel, dtype=dtype,
+                                    device=device)
+        self.fused.fill_(-0.0)
         self.handle = symm_mem.rendezvous(self.fused, self.group_name)
-        self.join_norm = all_reduce_mode() != "unfused"
+        self.join_norm = all_reduce_mode() != "unfused" and dtype.itemsize == 2
 
     @classmethod
     def create(cls, group: dist.ProcessGroup, dtype: torch.dtype,
@@ -182,7 +186,7 @@ class SymmAllReduce:
 
     def fits_fused(self, x: torch.Tensor) -> bool:
         return (self.join_norm and x.dim() == 2 and x.shape[0] <= MAX_FUSED_ROWS
-                and x.dtype == self.dtype and x.stride(-1) == 1 and x.numel() <= self.half_numel)
+                and x.dtype == self.dtype and x.stride(-1) == 1 and x.numel() <= self.slot_numel)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float, bias: torch.Tensor | None, half: int,
@@ -197,7 +201,7 @@ class SymmAllReduce:
             h = self.handle
             _all_reduce_add_rms_norm_kernel[(rows,)](
                 x, x if bias is None else bias, residual, weight, out, new_residual,
-                h.buffer_ptrs_dev, h.signal_pad_ptrs_dev, half * self.half_numel, h.rank,
+                h.buffer_ptrs_dev, half * self.world * self.slot_numel, self.slot_numel, h.rank,
                 x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0), hidden,
                 eps, WORLD=h.world_size, HAS_BIAS=bias is not None,
                 BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8)

@@ -1,7 +1,8 @@
 """The one-shot symmetric-memory all-reduce equals NCCL's, and the all-reduce joined
 with the bias add, residual add and RMSNorm equals NCCL's all-reduce followed by
 those steps, eagerly and replayed from a CUDA graph, on decode-sized messages of
-awkward widths, over 2 GPUs."""
+awkward widths and partial sums of -0.0 (the joined kernel's empty-slot mark),
+over 2 GPUs."""
 from __future__ import annotations
 
 import os
@@ -86,6 +87,10 @@ def fused_errors(group, device, gen) -> float:
         for i in range(12):  # back to back, the halves in turn
             bias = weight * 0.5 if i % 3 == 0 else None
             x, residual = rand(rows, hidden), rand(rows, hidden, scale=4)
+            if i == 4:  # -0.0 marks an empty slot: it must travel, as +0.0, not hang
+                x = torch.full_like(x, -0.0)
+            elif i == 7:
+                x[:, ::3] = -0.0
             out, res = group.all_reduce_add_rms_norm(x, residual, weight, 1e-5, bias, i % 2)
             want_out, want_res = unfused(x, residual, weight, bias)
             errs += [(res - want_res).abs().max().item() / 4, (out - want_out).abs().max().item()]
