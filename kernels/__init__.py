@@ -10,7 +10,7 @@ from .activation import silu_and_mul
 from .attention import paged_attention
 from .kv_cache import store_kv_cache
 from .rmsnorm import fused_add_rms_norm, rms_norm
-from .rotary import apply_rotary, build_cos_sin_cache
+from .rotary import apply_rotary, build_cos_sin_cache, rotate_and_store
 from .w4a16 import awq_dequantize, w4a16_gemm
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "int4_tinygemm",
     "paged_attention",
     "rms_norm",
+    "rotate_and_store",
     "silu_and_mul",
     "store_kv_cache",
     "w4a16_gemm",

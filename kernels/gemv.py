@@ -22,6 +22,11 @@ the Llama-3-8B matrices whole and halved for tp=2, against cuBLAS (F.linear):
 The best launch of 36 tried (2-16 rows, 256-1024 wide, 2-8 warps) for most of
 these; none was best for all. With up to four rows of x in the same programs
 it was 1.6-2.7x slower than cuBLAS, so `linear` takes it for one row only.
+
+`gemv_silu_mul` is the SwiGLU layer's [gate | up] projection with its activation:
+each program reads gate rows and the matching up rows in one tile and writes
+silu(gate) * up, so the activation costs no launch of its own
+(`linear_silu_mul`, which the MLP's `ParallelLinear.silu_mul` calls).
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ import os
 import torch
 
 from ._dispatch import HAS_TRITON, cdiv, use_triton
+from .activation import silu_and_mul
 
 LAUNCH = dict(block_n=4, block_k=1024, num_warps=2)
+# block_n gate rows and as many up rows a program
+SILU_LAUNCH = dict(block_n=2, block_k=1024, num_warps=2)
 
 
 def _enabled_from_env() -> bool:
@@ -51,20 +59,42 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _dot_rows(x_ptr, w_ptr, rows, rmask, K, stride_wn, ROWS: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+        """float32 dot products of x with w's `rows` [ROWS]."""
+        ks = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < K
+            w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(x_ptr + kk, mask=kmask, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rows < N
-        ks = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            kmask = kk < K
-            w = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(x_ptr + kk, mask=kmask, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=nmask)
+        y = _dot_rows(x_ptr, w_ptr, rows, nmask, K, stride_wn, BLOCK_N, BLOCK_K)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+    @triton.jit
+    def _gemv_silu_mul_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[n] = silu(x . w[n]) * (x . w[N + n]): BLOCK_N gate rows and their up rows,
+        interleaved in one tile."""
+        i = tl.arange(0, 2 * BLOCK_N)
+        outs = tl.program_id(0) * BLOCK_N + i // 2
+        rows = outs + (i % 2) * N
+        dots = _dot_rows(x_ptr, w_ptr, rows, outs < N, K, stride_wn, 2 * BLOCK_N, BLOCK_K)
+        # rounded as the matmul's output would be, then as kernels/activation.py
+        dtype = y_ptr.dtype.element_ty
+        gate, up = tl.split(tl.reshape(dots.to(dtype).to(tl.float32), [BLOCK_N, 2]))
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + n, (gate / (1.0 + tl.exp(-gate)) * up).to(dtype), mask=n < N)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = LAUNCH["block_n"],
@@ -85,9 +115,43 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = LAUNCH["block_n"],
     return y
 
 
+def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, block_n: int = SILU_LAUNCH["block_n"],
+                  block_k: int = SILU_LAUNCH["block_k"],
+                  num_warps: int = SILU_LAUNCH["num_warps"]) -> torch.Tensor:
+    """silu(g) * u for [g | u] = x [1, K] @ w [2I, K].T -> [1, I]: a SwiGLU layer's
+    [gate | up] projection and its activation in one pass over w."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[0] != 1 or x.shape[1] != w.shape[1] \
+            or w.shape[0] % 2:
+        raise ValueError(f"gemv_silu_mul: x {tuple(x.shape)} must be one row as long as the "
+                         f"rows of w {tuple(w.shape)}, which must be an even number")
+    if not use_triton(x):
+        return silu_and_mul(gemv(x, w))
+    x = x.contiguous()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    inter, k = w.shape[0] // 2, w.shape[1]
+    y = torch.empty(1, inter, dtype=x.dtype, device=x.device)
+    _gemv_silu_mul_kernel[(cdiv(inter, block_n),)](x, w, y, inter, k, w.stride(0),
+                                                   BLOCK_N=block_n, BLOCK_K=block_k,
+                                                   num_warps=num_warps)
+    return y
+
+
+def _one_row(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (ENABLED and x.is_cuda and x.numel() == x.shape[-1] and w.dtype == x.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and use_triton(x))
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) without bias; one row of 16-bit x on a GPU runs `gemv`."""
-    if (ENABLED and x.is_cuda and x.numel() == x.shape[-1] and w.dtype == x.dtype
-            and x.dtype in (torch.bfloat16, torch.float16) and use_triton(x)):
+    if _one_row(x, w):
         return gemv(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[0])
     return torch.nn.functional.linear(x, w)
+
+
+def linear_silu_mul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(F.linear(x, w)) for a [gate | up] weight w [2I, K]; one row of
+    16-bit x on a GPU runs `gemv_silu_mul`."""
+    if _one_row(x, w):
+        return gemv_silu_mul(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[0] // 2)
+    return silu_and_mul(torch.nn.functional.linear(x, w))

@@ -24,17 +24,15 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _store_heads(x_ptr, cache_ptr, scales_ptr, tok, slot, stride_xt, stride_xh,
-                     stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, block_size,
-                     num_heads, head_dim,
-                     static_scale, static_zp, QUANT: tl.constexpr, STATIC: tl.constexpr,
-                     WRITE_SCALES: tl.constexpr, HEADS: tl.constexpr, D_PAD: tl.constexpr):
+    def _store_values(x, cache_ptr, scales_ptr, slot, stride_cs, stride_ch, stride_sb,
+                      stride_ss, stride_sh, block_size, num_heads, head_dim,
+                      static_scale, static_zp, QUANT: tl.constexpr, STATIC: tl.constexpr,
+                      WRITE_SCALES: tl.constexpr, HEADS: tl.constexpr, D_PAD: tl.constexpr):
+        """One token's heads x [HEADS, D_PAD] (float32) into the cache at `slot`."""
         heads = tl.arange(0, HEADS)
         cols = tl.arange(0, D_PAD)
         hmask = heads < num_heads
         mask = hmask[:, None] & (cols[None, :] < head_dim)
-        x = tl.load(x_ptr + tok * stride_xt + heads[:, None] * stride_xh + cols[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
         dst = cache_ptr + slot * stride_cs + heads[:, None] * stride_ch + cols[None, :]
         if QUANT:
             sdt = scales_ptr.dtype.element_ty
@@ -61,6 +59,27 @@ if HAS_TRITON:
                 tl.store(sdst + 1, zp.to(sdt), mask=hmask)
         else:
             tl.store(dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _load_heads(x_ptr, tok, stride_xt, stride_xh, num_heads, head_dim,
+                    HEADS: tl.constexpr, D_PAD: tl.constexpr):
+        """One token's heads [HEADS, D_PAD] as float32 (zero past the real ones)."""
+        heads = tl.arange(0, HEADS)
+        cols = tl.arange(0, D_PAD)
+        mask = (heads[:, None] < num_heads) & (cols[None, :] < head_dim)
+        return tl.load(x_ptr + tok * stride_xt + heads[:, None] * stride_xh + cols[None, :],
+                       mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _store_heads(x_ptr, cache_ptr, scales_ptr, tok, slot, stride_xt, stride_xh,
+                     stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, block_size,
+                     num_heads, head_dim,
+                     static_scale, static_zp, QUANT: tl.constexpr, STATIC: tl.constexpr,
+                     WRITE_SCALES: tl.constexpr, HEADS: tl.constexpr, D_PAD: tl.constexpr):
+        x = _load_heads(x_ptr, tok, stride_xt, stride_xh, num_heads, head_dim, HEADS, D_PAD)
+        _store_values(x, cache_ptr, scales_ptr, slot, stride_cs, stride_ch, stride_sb,
+                      stride_ss, stride_sh, block_size, num_heads, head_dim, static_scale,
+                      static_zp, QUANT, STATIC, WRITE_SCALES, HEADS, D_PAD)
 
     @triton.jit
     def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
@@ -107,7 +126,7 @@ def calibrated_scales(params, cache_shape: tuple[int, ...], device=None
     return pairs[..., 0:2].expand(full), pairs[..., 2:4].expand(full)
 
 
-def _check(k, v, k_cache, v_cache, k_scales, v_scales, static_params):
+def check_store(k, v, k_cache, v_cache, k_scales, v_scales, static_params):
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError("store_kv_cache: k_cache and v_cache must have the same shape and layout")
     if k.shape[1:] != k_cache.shape[2:] or v.shape != k.shape:
@@ -132,7 +151,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
                    static_params: tuple[float, float, float, float] | None = None) -> None:
     """In place: k/v [T, nkv, d] into k_cache/v_cache [nb, bs, nkv, d] at slot_mapping."""
-    _check(k, v, k_cache, v_cache, k_scales, v_scales, static_params)
+    check_store(k, v, k_cache, v_cache, k_scales, v_scales, static_params)
     if not use_triton(k):
         reference.store_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scales,
                                  v_scales, static_params)
@@ -141,19 +160,31 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
+    if k.shape[0] == 0:
+        return
+    args, meta = cache_launch_args(k_cache, v_cache, k_scales, v_scales, static_params)
+    _store_kv_kernel[(k.shape[0],)](
+        k, v, *args[:4], slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *args[4:], k.shape[1], k.shape[2], *args_params(static_params), **meta,
+        HEADS=next_pow2(k.shape[1]), D_PAD=next_pow2(k.shape[2]), num_warps=4)
+
+
+def args_params(static_params) -> list[float]:
+    """(k_scale, k_zp, v_scale, v_zp) as the kernels take them (unused placeholders
+    without calibrated parameters)."""
+    return [float(p) for p in (static_params if static_params is not None
+                               else (1.0, 0.0, 1.0, 0.0))]
+
+
+def cache_launch_args(k_cache, v_cache, k_scales, v_scales, static_params):
+    """The cache side of a kernel that writes K/V (`_store_values`): pointers
+    (k_cache, v_cache, k_scales, v_scales), then strides (cache slot and head;
+    scales block, offset and head) and the block size; and the constexprs."""
     quant = k_cache.dtype == torch.int8
     ks = k_scales if quant else k_cache
     vs = v_scales if quant else v_cache
-    params = static_params if static_params is not None else (1.0, 0.0, 1.0, 0.0)
-    num_heads, head_dim = k.shape[1], k.shape[2]
-    if k.shape[0] == 0:
-        return
-    _store_kv_kernel[(k.shape[0],)](
-        k, v, k_cache, v_cache, ks, vs, slot_mapping, k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
-        ks.stride(0), ks.stride(1), ks.stride(2), k_cache.shape[1], num_heads, head_dim,
-        *[float(p) for p in params],
-        QUANT=quant, STATIC=static_params is not None,
-        WRITE_SCALES=quant and not reference.one_pair(ks),  # one pair: nothing to write
-        HEADS=next_pow2(num_heads),
-        D_PAD=next_pow2(head_dim), num_warps=4)
+    args = (k_cache, v_cache, ks, vs, k_cache.stride(1), k_cache.stride(2),
+            ks.stride(0), ks.stride(1), ks.stride(2), k_cache.shape[1])
+    meta = dict(QUANT=quant, STATIC=static_params is not None,
+                WRITE_SCALES=quant and not reference.one_pair(ks))  # one pair: nothing to write
+    return args, meta

@@ -14,8 +14,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..kernels import awq_dequantize, int4_tinygemm, w4a16_gemm
-from ..kernels.gemv import linear
+from ..kernels import awq_dequantize, int4_tinygemm, silu_and_mul, w4a16_gemm
+from ..kernels.gemv import linear, linear_silu_mul
 from .comm import LocalGroup, TPGroup
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ class LinearMethod(Protocol):
     def slice_in(self, p: Params, start: int, end: int) -> Params: ...
     def cat_out(self, parts: list[Params]) -> Params: ...
     def apply(self, p: Params, x: torch.Tensor) -> torch.Tensor: ...
+    def apply_silu_mul(self, p: Params, x: torch.Tensor) -> torch.Tensor:
+        """silu(g) * u for [g | u] = apply(p, x): a SwiGLU [gate | up] layer."""
     def finalize(self, layer: "ParallelLinear") -> None:
         """Once the layer's weights are loaded: any repacking for the device's kernels."""
 
@@ -55,6 +57,9 @@ class UnquantizedMethod:
 
     def apply(self, p, x):
         return linear(x, p["weight"])
+
+    def apply_silu_mul(self, p, x):
+        return linear_silu_mul(x, p["weight"])
 
     def finalize(self, layer: "ParallelLinear") -> None:
         pass
@@ -107,6 +112,9 @@ class AWQMethod:
             w = awq_dequantize(p["qweight"], p["scales"], p["qzeros"], self.group_size)
             y = x2 @ w.to(x2.dtype)
         return y.reshape(*shape, y.shape[-1])
+
+    def apply_silu_mul(self, p, x):
+        return silu_and_mul(self.apply(p, x))
 
     def finalize(self, layer: "ParallelLinear") -> None:
         """After loading, where PyTorch's int4 matmul runs (bf16 on CUDA): adds a copy of
@@ -179,6 +187,13 @@ class ParallelLinear(nn.Module):
 
     def params(self) -> Params:
         return {name: getattr(self, name) for name in self.method.param_names}
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(g) * u of this column-parallel [gate | up] layer's output [g | u]
+        (no bias): one kernel for both where the weight format has one."""
+        if self.bias is not None or self.reduce is not None:
+            raise ValueError("silu_mul is for a column-parallel [gate | up] layer without bias")
+        return self.method.apply_silu_mul(self.params(), x)
 
     def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
         """partial: a row-parallel layer returns this rank's partial sums, bias not

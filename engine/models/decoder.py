@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...kernels import (apply_rotary, build_cos_sin_cache, paged_attention, rms_norm,
-                        silu_and_mul, store_kv_cache)
+from ...kernels import build_cos_sin_cache, paged_attention, rms_norm, rotate_and_store
 from ...parallel.comm import LocalGroup, TPGroup
 from ...parallel.linear import (LinearMethod, ParallelLinear, ParallelLMHead,
                                 VocabParallelEmbedding)
@@ -61,10 +60,8 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(k.shape)
-        q, k = apply_rotary(q, k, positions, cos_sin)
-        store_kv_cache(k, v, kv.k, kv.v, slot_mapping, kv.k_scales, kv.v_scales,
-                       kv.static_params)
-        return q
+        return rotate_and_store(q, k, v, positions, cos_sin, kv.k, kv.v, slot_mapping,
+                                kv.k_scales, kv.v_scales, kv.static_params)
 
     def attend(self, q: torch.Tensor, batch: ForwardBatch, kv: LayerKV) -> torch.Tensor:
         """[t, heads * head_dim]: each request's queries over its cached context."""
@@ -85,7 +82,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sums of the output (see DecoderLayer.pre_attention)."""
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)), partial=True)
+        return self.down_proj(self.gate_up_proj.silu_mul(x), partial=True)
 
 
 class DecoderLayer(nn.Module):

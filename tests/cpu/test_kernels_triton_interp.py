@@ -55,7 +55,7 @@ def _elementwise(torch, kernels, ref):
             for a, b in zip(kernels.apply_rotary(q, k, pos, cache),
                             ref.apply_rotary(q, k, pos, cache)):
                 _close("apply_rotary", a, b, tol)
-    from tpserve.kernels.gemv import gemv
+    from tpserve.kernels.gemv import gemv, gemv_silu_mul
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-3)):
         for n, k, launch in ((37, 300, {}), (37, 300, dict(block_n=8, block_k=64)),
                              (5, 2100, dict(block_n=2, block_k=256, num_warps=1))):
@@ -63,6 +63,12 @@ def _elementwise(torch, kernels, ref):
             w = torch.randn(n, k, generator=gen).to(dtype)
             want = x.double() @ w.double().T  # ragged edges in both N and K
             _close(f"gemv {n}x{k} {launch}", gemv(x, w, **launch), want, tol, tol)
+            # [gate | up] of 2 * 37 or 2 * 5 rows: the odd last program of each half
+            w2 = torch.randn(2 * n, k, generator=gen).to(dtype)
+            gate_up = (x.double() @ w2.double().T).to(dtype).double()
+            want = torch.nn.functional.silu(gate_up[:, :n]) * gate_up[:, n:]
+            _close(f"gemv_silu_mul {n}x{k} {launch}", gemv_silu_mul(x, w2, **launch), want,
+                   2 * tol, 2 * tol)
 
 
 def _store_both(torch, kernels, ref, p, static):
@@ -90,6 +96,38 @@ def _kv_cache(torch, kernels, ref):
                 assert (a != b).float().mean() < 0.01
             else:
                 _close("store_kv_cache", a, b, 1e-6)
+    # rotary and the cache write in one kernel, against the two references in turn;
+    # head dims 32 and 24 (not a power of two), GQA 2, a padded token
+    for int8, static, d in ((False, None, 32), (True, None, 24),
+                            (True, (0.02, 0.1, 0.015, -0.05), 32)):
+        p = make_paged_problem([21, 5, 33], [21, 2, 17], 4, 2, d, 16, int8=int8, seed=2,
+                               static_params=static)
+        p.slot_mapping[4] = -1
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+        cos_sin = kernels.build_cos_sin_cache(inv, 64, 1.1)
+        pos = torch.arange(p.q.shape[0]) % 60
+        want_q, want_k = ref.apply_rotary(p.q, p.k_new, pos, cos_sin)
+        caches = []
+        for fused in (True, False):
+            kc, vc = p.k_cache.clone(), p.v_cache.clone()
+            # per-token scales are written, so each run gets its own; calibrated ones not
+            ks, vs = ((p.k_scales.clone(), p.v_scales.clone()) if int8 and not static
+                      else (p.k_scales, p.v_scales))
+            if fused:
+                q = kernels.rotate_and_store(p.q, p.k_new, p.v_new, pos, cos_sin, kc, vc,
+                                             p.slot_mapping, ks, vs, static)
+                _close("rotate_and_store queries", q, want_q, 2e-3)
+            else:
+                ref.store_kv_cache(want_k, p.v_new, kc, vc, p.slot_mapping, ks, vs, static)
+            caches.append((kc, vc, ks, vs))
+        for a, b in zip(*caches):
+            if a is None:
+                continue
+            if a.dtype == torch.int8:  # rounding ties may land one step apart
+                assert (a.int() - b.int()).abs().max() <= 1
+                assert (a != b).float().mean() < 0.02
+            else:
+                _close("rotate_and_store cache", a, b, 2e-3)
 
 
 ATTN_CASES = [  # seq_lens, query_lens, nq, nkv, head_dim, window

@@ -160,6 +160,25 @@ def test_gemv_against_float64(n, k, dtype):
     _close(linear(x3, w), x3.double() @ w.double().T, 4 * eps, 4 * eps)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inter,k", [(14336, 4096), (7168, 4096), (1000, 1000)])
+def test_gemv_silu_mul_against_float64(inter, k, dtype):
+    """The [gate | up] matmul and SwiGLU in one kernel, against float64 from the same
+    rounded matmul outputs; the layers' entry point for 1 and 3 rows."""
+    from tpserve.kernels.gemv import gemv_silu_mul, linear_silu_mul
+    x = torch.randn(1, k, device="cuda").to(dtype)
+    w = (torch.randn(2 * inter, k, device="cuda") / k ** 0.5).to(dtype)
+    eps = torch.finfo(dtype).eps
+
+    def want(rows):
+        gate_up = (rows.double() @ w.double().T).to(dtype).double()
+        return torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    _close(gemv_silu_mul(x, w), want(x), 4 * eps, 4 * eps)
+    _close(linear_silu_mul(x.view(1, 1, k), w).view(1, inter), want(x), 4 * eps, 4 * eps)
+    x3 = torch.randn(3, k, device="cuda").to(dtype)
+    _close(linear_silu_mul(x3, w), want(x3), 8 * eps, 8 * eps)
+
+
 @pytest.mark.parametrize("m", [1, 5, 64])
 @pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 28672), (14336, 4096), (2048, 4096)])
 def test_int4_tinygemm_matches_awq(k, n, m):
