@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import HAS_TRITON, cdiv, next_pow2, num_sms
+from ._dispatch import HAS_TRITON, PDL, cdiv, next_pow2, num_sms
 
 # Arguments that change from step to step (the block table's width, the number of
 # splits, slices of a step's tensors). Triton would specialize on them (== 1, divisible
@@ -27,6 +27,8 @@ PER_STEP_ARGS = ("table_ptr", "seq_lens_ptr", "s_tab", "s_po_b", "s_po_h", "s_pl
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    _PDL = tl.constexpr(PDL)
 
     from .paged_kv import kv_scales_at, load_kv_scales, load_kv_tile, online_softmax_step
 
@@ -234,6 +236,8 @@ if HAS_TRITON:
     def _decode_reduce_kernel(po_ptr, pl_ptr, out_ptr, num_splits, s_po_b, s_po_h, s_po_s,
                               s_pl_b, s_pl_h, so_t, so_h, head_dim,
                               SPLITS_PAD: tl.constexpr, D_PAD: tl.constexpr):
+        if _PDL:  # the GEMV after it may start (kernels/_dispatch.py)
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         sp = tl.arange(0, SPLITS_PAD)

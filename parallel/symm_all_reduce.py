@@ -36,6 +36,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..kernels._dispatch import PDL
 from .hosts import same_host
 
 try:
@@ -64,6 +65,7 @@ def all_reduce_mode() -> str:
 
 
 if triton is not None:
+    _PDL = tl.constexpr(PDL)
     EMPTY = tl.constexpr(-32768)  # the bits of a 16-bit -0.0: no data has reached it
 
     @triton.jit
@@ -72,6 +74,8 @@ if triton is not None:
                                         stride_x, stride_r, stride_o, stride_nr, hidden, eps,
                                         WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                                         BLOCK: tl.constexpr):
+        if _PDL:  # the GEMV after it may start (kernels/_dispatch.py)
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden

@@ -211,7 +211,7 @@ def test_calibrated_scales_need_their_params():
 
 
 def test_bad_kernel_switches_warn_and_keep_the_default(monkeypatch, caplog):
-    """A mistyped TPSERVE_GEMV / TPSERVE_ALLREDUCE names the values it takes."""
+    """A mistyped TPSERVE_GEMV / TPSERVE_ALLREDUCE / TPSERVE_PDL names the values it takes."""
     from tpserve.kernels import gemv
     from tpserve.parallel import symm_all_reduce
 
@@ -223,3 +223,10 @@ def test_bad_kernel_switches_warn_and_keep_the_default(monkeypatch, caplog):
         monkeypatch.setenv("TPSERVE_ALLREDUCE", raw)
         assert symm_all_reduce.all_reduce_mode() == want
     assert "'NCCL' is not one of auto, nccl, unfused" in caplog.text
+    # PDL never applies without a Hopper GPU, whatever the switch says; a typo warns
+    from tpserve.kernels import _dispatch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for raw in ("0", "1", "yes"):
+        monkeypatch.setenv("TPSERVE_PDL", raw)
+        assert _dispatch._pdl_from_env() is False
+    assert "TPSERVE_PDL='yes' is not 0 or 1" in caplog.text
