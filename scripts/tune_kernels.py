@@ -12,7 +12,10 @@
   a block); the bf16 cache and token-major scales are timed beside it at the
   default launch;
 - the W4A16 tensor-core GEMM (kernels/w4a16.py, `gemm_launch`) at 8, 16 and 64
-  rows on the Llama-3-8B MLP shapes.
+  rows on the Llama-3-8B MLP shapes;
+- the one-row GEMV and its SwiGLU twin (kernels/gemv.py, `LAUNCH`, `SILU_LAUNCH`)
+  on the Llama-3-8B matrices whole and halved for tp=2, with the weights read from
+  memory, not L2 (`--only gemv`).
 
 Every configuration's output is checked against the default's; the table shows
 the default, the best and the gain. Copy the winners into the kernels' tables.
@@ -139,17 +142,78 @@ def tune_w4a16(quick: bool) -> list:
     return rows
 
 
+def bench_cold(fn, nbytes: int, copies_of) -> float:
+    """Median microseconds a call of fn(copy) when the copies together are far larger
+    than L2, so each call reads its weights from memory (a CUDA graph goes round them)."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    copies = copies_of(max(2, -(-4 * l2 // nbytes)))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in copies:
+            fn(c)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in copies:
+            fn(c)
+    return triton.testing.do_bench(graph.replay, rep=100, return_mode="median") * 1e3 / len(copies)
+
+
+def tune_gemv(quick: bool) -> list:
+    from tpserve.kernels import gemv
+
+    rows = []
+    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),  # tp=1
+              (3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168)]   # tp=2
+    grid = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048) if not quick else (1024, 2048),
+                                  (1, 2, 4, 8) if not quick else (2, 4)))
+    for silu in (False, True):
+        fn = gemv.gemv_silu_mul if silu else gemv.gemv
+        default = gemv.SILU_LAUNCH if silu else gemv.LAUNCH
+        for n, k in shapes:
+            if silu and n < 14336:
+                continue  # only [gate | up] shapes
+            x = torch.randn(1, k, **BF16)
+            w = torch.randn(n, k, **BF16) / k ** 0.5
+            want = fn(x, w)
+
+            def copies_of(c, w=w):
+                return [w.clone() for _ in range(c)]
+            name = f"{'gemv_silu_mul' if silu else 'gemv'} {n}x{k}"
+            base = bench_cold(lambda c: fn(x, c, **default), w.numel() * 2, copies_of)
+            best, best_us = default, base
+            for bn, bk, nw in grid:
+                cfg = dict(block_n=bn, block_k=bk, num_warps=nw)
+                try:
+                    torch.testing.assert_close(fn(x, w, **cfg).float(), want.float(),
+                                               atol=2e-2, rtol=2e-2)
+                    us = bench_cold(lambda c: fn(x, c, **cfg), w.numel() * 2, copies_of)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  {name} {cfg}: skipped ({str(exc).splitlines()[0][:80]})")
+                    continue
+                print(f"  {name} {cfg}: {us:.1f} us", flush=True)
+                if us < best_us:
+                    best, best_us = cfg, us
+            tbs = w.numel() * 2 / best_us / 1e6
+            print(f"{name}: default {base:.1f} us, best {best_us:.1f} us ({tbs:.2f} TB/s) {best}",
+                  flush=True)
+            rows.append((name, base, best, best_us))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smaller grid")
-    p.add_argument("--only", choices=("decode", "w4a16"), help="tune one kernel")
+    p.add_argument("--only", choices=("decode", "w4a16", "gemv"), help="tune one kernel")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_kernels.py times CUDA kernels; run it on a GPU machine")
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
-    rows = ((tune_decode(args.quick) if args.only != "w4a16" else [])
-            + (tune_w4a16(args.quick) if args.only != "decode" else []))
+    tuners = dict(decode=tune_decode, w4a16=tune_w4a16, gemv=tune_gemv)
+    rows = [row for name, tune in tuners.items() if args.only in (None, name)
+            for row in tune(args.quick)]
     print("\nsummary")
     for name, base, best, best_us in rows:
         print(f"{name:32s} {base:8.1f} -> {best_us:8.1f} us ({base / best_us:4.2f}x)  {best}")
