@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import HAS_TRITON, PDL, cdiv, next_pow2, num_sms
+from ._dispatch import HAS_TRITON, cdiv, next_pow2, num_sms
+from .pdl import launch_kwargs
 
 # Arguments that change from step to step (the block table's width, the number of
 # splits, slices of a step's tensors). Triton would specialize on them (== 1, divisible
@@ -28,7 +29,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _PDL = tl.constexpr(PDL)
+    from .pdl import start
 
     from .paged_kv import kv_scales_at, load_kv_scales, load_kv_tile, online_softmax_step
 
@@ -78,6 +79,7 @@ if HAS_TRITON:
             BLOCK_N: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
             HAS_WINDOW: tl.constexpr, DEQUANT: tl.constexpr, STATIC: tl.constexpr,
             PREFETCH: tl.constexpr):
+        start()  # kernels/pdl.py
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -185,6 +187,7 @@ if HAS_TRITON:
         weight and its zero point to the output: p . (c * s + z) = (p * s) . c + p . z.
         The values' weighted sum is kept for ROWS tile rows (those the tile's layout
         spreads over threads) and summed over them once at the end."""
+        start()  # kernels/pdl.py
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -236,8 +239,7 @@ if HAS_TRITON:
     def _decode_reduce_kernel(po_ptr, pl_ptr, out_ptr, num_splits, s_po_b, s_po_h, s_po_s,
                               s_pl_b, s_pl_h, so_t, so_h, head_dim,
                               SPLITS_PAD: tl.constexpr, D_PAD: tl.constexpr):
-        if _PDL:  # the GEMV after it may start (kernels/_dispatch.py)
-            tl.extra.cuda.gdc_launch_dependents()
+        start()  # kernels/pdl.py
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         sp = tl.arange(0, SPLITS_PAD)
@@ -358,16 +360,19 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
         _decode_mha_int8_kernel[grid](
             *args, D_PAD=d_pad, BLOCK_N=block_n, PAGE=page,
             HAS_WINDOW=sliding_window is not None, STATIC=static, ROWS=rows, ASM=q.is_cuda,
-            num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg)
+            num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg,
+            **launch_kwargs(q))
     else:
         _decode_split_kernel[grid](
             *args, GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad,
             BLOCK_N=block_n, PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
             DEQUANT=launch.dequant if quant else 0, STATIC=static, PREFETCH=launch.prefetch,
-            num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg)
+            num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg,
+            **launch_kwargs(q))
     out = torch.empty_like(q)
     _decode_reduce_kernel[(num_tokens, num_q)](
         part_out, part_lse, out, splits, part_out.stride(0), part_out.stride(1),
         part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0),
-        out.stride(1), head_dim, SPLITS_PAD=next_pow2(splits), D_PAD=d_pad, num_warps=4)
+        out.stride(1), head_dim, SPLITS_PAD=next_pow2(splits), D_PAD=d_pad, num_warps=4,
+        **launch_kwargs(q))
     return out

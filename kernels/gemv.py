@@ -28,7 +28,7 @@ each program reads gate rows and the matching up rows in one tile and writes
 silu(gate) * up, so the activation costs no launch of its own
 (`linear_silu_mul`, which the MLP's `ParallelLinear.silu_mul` calls).
 
-On Hopper both launch as programmatic dependents (`_dispatch.PDL`): a program
+On Hopper both launch as programmatic dependents (kernels/pdl.py): a program
 loads its first weight tile before it waits for the kernel before it, whose
 output x is, so a GEMV's start overlaps that kernel's end.
 """
@@ -40,8 +40,9 @@ import os
 
 import torch
 
-from ._dispatch import HAS_TRITON, PDL, cdiv, use_triton
+from ._dispatch import HAS_TRITON, cdiv, use_triton
 from .activation import silu_and_mul
+from .pdl import launch_kwargs
 
 LAUNCH = dict(block_n=4, block_k=1024, num_warps=2)
 # block_n gate rows and as many up rows a program
@@ -62,21 +63,19 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _PDL = tl.constexpr(PDL)
+    from .pdl import allow_next, wait_prior
 
     @triton.jit
     def _dot_rows(x_ptr, w_ptr, rows, rmask, K, stride_wn, ROWS: tl.constexpr,
                   BLOCK_K: tl.constexpr):
         """float32 dot products of x with w's `rows` [ROWS]. The first weight tile is
-        loaded before x, the only input an earlier kernel writes (see _dispatch.PDL)."""
-        if _PDL:
-            tl.extra.cuda.gdc_launch_dependents()
+        loaded before x, the only input an earlier kernel writes (kernels/pdl.py)."""
+        allow_next()
         ks = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
         kmask = ks < K
         w = tl.load(w_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        if _PDL:
-            tl.extra.cuda.gdc_wait()
+        wait_prior()
         x = tl.load(x_ptr + ks, mask=kmask, other=0.0)
         acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
         for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -125,12 +124,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = LAUNCH["block_n"],
     n, k = w.shape
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(cdiv(n, block_n),)](x, w, y, n, k, w.stride(0), BLOCK_N=block_n,
-                                      BLOCK_K=block_k, num_warps=num_warps, **_launch(x))
+                                      BLOCK_K=block_k, num_warps=num_warps, **launch_kwargs(x))
     return y
-
-
-def _launch(x: torch.Tensor) -> dict:
-    return dict(launch_pdl=True) if PDL and x.is_cuda else {}
 
 
 def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, block_n: int = SILU_LAUNCH["block_n"],
@@ -151,7 +146,7 @@ def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, block_n: int = SILU_LAUNCH["
     y = torch.empty(1, inter, dtype=x.dtype, device=x.device)
     _gemv_silu_mul_kernel[(cdiv(inter, block_n),)](x, w, y, inter, k, w.stride(0),
                                                    BLOCK_N=block_n, BLOCK_K=block_k,
-                                                   num_warps=num_warps, **_launch(x))
+                                                   num_warps=num_warps, **launch_kwargs(x))
     return y
 
 

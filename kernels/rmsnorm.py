@@ -5,20 +5,20 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._dispatch import HAS_TRITON, PDL, next_pow2, use_triton
+from ._dispatch import HAS_TRITON, next_pow2, use_triton
+from .pdl import launch_kwargs
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _PDL = tl.constexpr(PDL)
+    from .pdl import start
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
                          stride_x, stride_r, stride_o, stride_nr, hidden, eps,
                          HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-        if _PDL:  # the GEMV after it may start (kernels/_dispatch.py)
-            tl.extra.cuda.gdc_launch_dependents()
+        start()  # kernels/pdl.py
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -52,7 +52,8 @@ def _launch(x, residual, weight, eps):
         _rms_norm_kernel[(rows,)](
             x2, res, weight, out, new_res, x2.stride(0), res.stride(0),
             out.stride(0), new_res.stride(0), hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps)
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps,
+            **launch_kwargs(x2))
     return out.view(x.shape), new_res.view(x.shape)
 
 

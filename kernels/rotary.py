@@ -15,6 +15,7 @@ import torch
 from . import reference
 from ._dispatch import HAS_TRITON, next_pow2, use_triton
 from .kv_cache import args_params, cache_launch_args, check_store, store_kv_cache
+from .pdl import launch_kwargs
 
 build_cos_sin_cache = reference.build_cos_sin_cache
 
@@ -23,6 +24,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .kv_cache import _load_heads, _store_values
+    from .pdl import start
 
     @triton.jit
     def _rotate_heads(x_ptr, out_ptr, tok, stride_t, stride_h, stride_ot, stride_oh,
@@ -78,6 +80,7 @@ if HAS_TRITON:
                              WRITE_SCALES: tl.constexpr, HALF: tl.constexpr,
                              D_PAD: tl.constexpr, Q_HEADS: tl.constexpr,
                              KV_HEADS: tl.constexpr):
+        start()  # kernels/pdl.py
         tok = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + tok).to(tl.int64)
         cols = tl.arange(0, D_PAD)
@@ -165,5 +168,6 @@ def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), cache.stride(0), *args[4:], q.shape[1], k.shape[1],
         *args_params(static_params), **meta, HALF=half, D_PAD=next_pow2(2 * half),
-        Q_HEADS=next_pow2(q.shape[1]), KV_HEADS=next_pow2(k.shape[1]), num_warps=4)
+        Q_HEADS=next_pow2(q.shape[1]), KV_HEADS=next_pow2(k.shape[1]), num_warps=4,
+        **launch_kwargs(q))
     return q_out

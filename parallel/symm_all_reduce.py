@@ -36,7 +36,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..kernels._dispatch import PDL
+from ..kernels.pdl import launch_kwargs
 from .hosts import same_host
 
 try:
@@ -65,7 +65,8 @@ def all_reduce_mode() -> str:
 
 
 if triton is not None:
-    _PDL = tl.constexpr(PDL)
+    from ..kernels.pdl import start
+
     EMPTY = tl.constexpr(-32768)  # the bits of a 16-bit -0.0: no data has reached it
 
     @triton.jit
@@ -74,8 +75,7 @@ if triton is not None:
                                         stride_x, stride_r, stride_o, stride_nr, hidden, eps,
                                         WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                                         BLOCK: tl.constexpr):
-        if _PDL:  # the GEMV after it may start (kernels/_dispatch.py)
-            tl.extra.cuda.gdc_launch_dependents()
+        start()  # kernels/pdl.py
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -208,7 +208,8 @@ class SymmAllReduce:
                 h.buffer_ptrs_dev, half * self.world * self.slot_numel, self.slot_numel, h.rank,
                 x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0), hidden,
                 eps, WORLD=h.world_size, HAS_BIAS=bias is not None,
-                BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8)
+                BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8,
+                **launch_kwargs(x))
         return out, new_residual
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -224,9 +224,51 @@ def test_bad_kernel_switches_warn_and_keep_the_default(monkeypatch, caplog):
         assert symm_all_reduce.all_reduce_mode() == want
     assert "'NCCL' is not one of auto, nccl, unfused" in caplog.text
     # PDL never applies without a Hopper GPU, whatever the switch says; a typo warns
-    from tpserve.kernels import _dispatch
+    from tpserve.kernels import pdl
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for raw in ("0", "1", "yes"):
         monkeypatch.setenv("TPSERVE_PDL", raw)
-        assert _dispatch._pdl_from_env() is False
+        assert pdl._enabled_from_env() is False
     assert "TPSERVE_PDL='yes' is not 0 or 1" in caplog.text
+
+
+def _waits_for_prior(kernel, module, depth: int = 0) -> bool:
+    """Whether a Triton kernel, or a jit helper of its module that it calls, runs
+    kernels/pdl.py's `start()` or `wait_prior()`."""
+    import ast
+    import inspect
+
+    src = inspect.getsource(kernel.fn)
+    if "start()" in src or "wait_prior()" in src:
+        return True
+    called = {n.func.id for n in ast.walk(ast.parse(inspect.cleandoc("\n" + src)))
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    return depth < 3 and any(
+        _waits_for_prior(getattr(module, name), module, depth + 1) for name in called
+        if hasattr(getattr(module, name, None), "fn"))
+
+
+def test_every_pdl_launch_waits_for_the_kernel_before():
+    """A kernel launched as a programmatic dependent (`**launch_kwargs(...)`) may start
+    before the kernel before it ends: unless it waits for it, it reads stale inputs."""
+    import ast
+    import inspect
+
+    pytest.importorskip("triton")
+    from tpserve.kernels import attention_decode, gemv, rmsnorm, rotary
+    from tpserve.parallel import symm_all_reduce
+
+    launches = 0
+    for module in (attention_decode, gemv, rmsnorm, rotary, symm_all_reduce):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)):
+                continue
+            if not any(k.arg is None and isinstance(k.value, ast.Call)
+                       and getattr(k.value.func, "id", "") == "launch_kwargs"
+                       for k in node.keywords):
+                continue
+            name = node.func.value.id
+            launches += 1
+            assert _waits_for_prior(getattr(module, name), module), \
+                f"{module.__name__}.{name} is launched with launch_kwargs but never waits"
+    assert launches >= 8  # the GEMVs, norms, rotary + cache write, decode attention, all-reduce
