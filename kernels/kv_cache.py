@@ -162,29 +162,27 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         v = v.contiguous()
     if k.shape[0] == 0:
         return
-    args, meta = cache_launch_args(k_cache, v_cache, k_scales, v_scales, static_params)
+    args, params, meta = cache_launch_args(k_cache, v_cache, k_scales, v_scales,
+                                           static_params)
     _store_kv_kernel[(k.shape[0],)](
         k, v, *args[:4], slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *args[4:], k.shape[1], k.shape[2], *args_params(static_params), **meta,
+        *args[4:], k.shape[1], k.shape[2], *params, **meta,
         HEADS=next_pow2(k.shape[1]), D_PAD=next_pow2(k.shape[2]), num_warps=4)
-
-
-def args_params(static_params) -> list[float]:
-    """(k_scale, k_zp, v_scale, v_zp) as the kernels take them (unused placeholders
-    without calibrated parameters)."""
-    return [float(p) for p in (static_params if static_params is not None
-                               else (1.0, 0.0, 1.0, 0.0))]
 
 
 def cache_launch_args(k_cache, v_cache, k_scales, v_scales, static_params):
     """The cache side of a kernel that writes K/V (`_store_values`): pointers
     (k_cache, v_cache, k_scales, v_scales), then strides (cache slot and head;
-    scales block, offset and head) and the block size; and the constexprs."""
+    scales block, offset and head) and the block size; the calibrated
+    (k_scale, k_zp, v_scale, v_zp) as floats (placeholders without them); and the
+    constexprs."""
     quant = k_cache.dtype == torch.int8
     ks = k_scales if quant else k_cache
     vs = v_scales if quant else v_cache
     args = (k_cache, v_cache, ks, vs, k_cache.stride(1), k_cache.stride(2),
             ks.stride(0), ks.stride(1), ks.stride(2), k_cache.shape[1])
+    params = [float(p) for p in (static_params if static_params is not None
+                                 else (1.0, 0.0, 1.0, 0.0))]
     meta = dict(QUANT=quant, STATIC=static_params is not None,
                 WRITE_SCALES=quant and not reference.one_pair(ks))  # one pair: nothing to write
-    return args, meta
+    return args, params, meta

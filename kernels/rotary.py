@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from ._dispatch import HAS_TRITON, next_pow2, use_triton
-from .kv_cache import args_params, cache_launch_args, check_store, store_kv_cache
+from .kv_cache import cache_launch_args, check_store, store_kv_cache
 from .pdl import launch_kwargs
 
 build_cos_sin_cache = reference.build_cos_sin_cache
@@ -161,13 +161,14 @@ def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_out = torch.empty_like(q)
     if q.shape[0] == 0:
         return q_out
-    args, meta = cache_launch_args(k_cache, v_cache, k_scales, v_scales, static_params)
+    args, params, meta = cache_launch_args(k_cache, v_cache, k_scales, v_scales,
+                                           static_params)
     half = q.shape[-1] // 2
     _rotary_store_kernel[(q.shape[0],)](
         q, k, v, q_out, positions.contiguous(), cache, *args[:4], slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), cache.stride(0), *args[4:], q.shape[1], k.shape[1],
-        *args_params(static_params), **meta, HALF=half, D_PAD=next_pow2(2 * half),
+        *params, **meta, HALF=half, D_PAD=next_pow2(2 * half),
         Q_HEADS=next_pow2(q.shape[1]), KV_HEADS=next_pow2(k.shape[1]), num_warps=4,
         **launch_kwargs(q))
     return q_out
