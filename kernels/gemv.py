@@ -35,14 +35,13 @@ output x is, so a GEMV's start overlaps that kernel's end.
 
 from __future__ import annotations
 
-import logging
-import os
 
 import torch
 
 from ._dispatch import HAS_TRITON, cdiv, use_triton
 from .activation import silu_and_mul
 from .pdl import launch_kwargs
+from .switches import env_choice
 
 LAUNCH = dict(block_n=4, block_k=1024, num_warps=2)
 # block_n gate rows and as many up rows a program
@@ -51,10 +50,7 @@ SILU_LAUNCH = dict(block_n=2, block_k=1024, num_warps=2)
 
 def _enabled_from_env() -> bool:
     """TPSERVE_GEMV=0: every matmul through cuBLAS (for comparison); 1 is the default."""
-    raw = os.environ.get("TPSERVE_GEMV", "1")
-    if raw not in ("0", "1"):
-        logging.getLogger(__name__).warning("TPSERVE_GEMV=%r is not 0 or 1; using 1", raw)
-    return raw != "0"
+    return env_choice("TPSERVE_GEMV", ("0", "1"), "1") == "1"
 
 
 ENABLED = _enabled_from_env()

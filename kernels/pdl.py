@@ -13,19 +13,16 @@ Triton have it. Off, the helpers compile to nothing and kernels launch as usual.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from ._dispatch import HAS_TRITON
+from .switches import env_choice
 
 
 def _enabled_from_env() -> bool:
-    raw = os.environ.get("TPSERVE_PDL", "1")
-    if raw not in ("0", "1"):
-        logging.getLogger(__name__).warning("TPSERVE_PDL=%r is not 0 or 1; using 1", raw)
-    if raw == "0" or not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1":
+    if env_choice("TPSERVE_PDL", ("0", "1"), "1") == "0" or not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if not torch.cuda.is_available():
         return False

@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from ._dispatch import HAS_TRITON, next_pow2, use_triton
-from .kv_cache import cache_launch_args, check_store, store_kv_cache
+from .kv_cache import cache_launch_args, check_store
 from .pdl import launch_kwargs
 
 build_cos_sin_cache = reference.build_cos_sin_cache
@@ -115,7 +115,7 @@ if HAS_TRITON:
 def _check(q, k, cache):
     d = q.shape[-1]
     if k.shape[-1] != d or cache.shape[-1] != d or d % 2:
-        raise ValueError(f"apply_rotary: head dims differ or are odd: q {tuple(q.shape)}, "
+        raise ValueError(f"rotary: head dims differ or are odd: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, cache {tuple(cache.shape)}")
 
 
@@ -154,7 +154,8 @@ def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_store(k, v, k_cache, v_cache, k_scales, v_scales, static_params)
     if not use_triton(q):
         q, k = reference.apply_rotary(q, k, positions, cos_sin_cache)
-        store_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales, static_params)
+        reference.store_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales,
+                                 static_params)
         return q
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cache = cos_sin_cache.float().contiguous()

@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pickle
 
 import torch
 import torch.distributed as dist
 
+from ..kernels.switches import env_choice
 from .hosts import same_host
 from .process_group import IDLE_TIMEOUT
 from .shm_ring import ShmRing
 
 logger = logging.getLogger(__name__)
 
-STEP_CHANNEL_ENV = "TPSERVE_STEP_CHANNEL"  # "auto" (default) or "gloo"
+STEP_CHANNEL_ENV = "TPSERVE_STEP_CHANNEL"
 
 
 def open_batch_channel(spin_s: float = 0.0) -> "ShmBatchChannel | GlooBatchChannel":
@@ -38,7 +38,7 @@ def open_batch_channel(spin_s: float = 0.0) -> "ShmBatchChannel | GlooBatchChann
     """
     group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     ring = None
-    if os.environ.get(STEP_CHANNEL_ENV, "auto") != "gloo" and same_host(group):
+    if env_choice(STEP_CHANNEL_ENV, ("auto", "gloo"), "auto") == "auto" and same_host(group):
         ring = _open_ring(group, spin_s)
     return ShmBatchChannel(ring) if ring is not None else GlooBatchChannel(group)
 

@@ -31,12 +31,12 @@ TPSERVE_ALLREDUCE=unfused keeps it but runs the add and norm as kernels of their
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.distributed as dist
 
 from ..kernels.pdl import launch_kwargs
+from ..kernels.switches import env_choice
 from .hosts import same_host
 
 try:
@@ -56,12 +56,7 @@ MODES = ("auto", "nccl", "unfused")
 
 def all_reduce_mode() -> str:
     """TPSERVE_ALLREDUCE, checked: an unknown value warns and means auto."""
-    mode = os.environ.get("TPSERVE_ALLREDUCE", "auto")
-    if mode not in MODES:
-        logger.warning("TPSERVE_ALLREDUCE=%r is not one of %s; using auto", mode,
-                       ", ".join(MODES))
-        return "auto"
-    return mode
+    return env_choice("TPSERVE_ALLREDUCE", MODES, "auto")
 
 
 if triton is not None:

@@ -211,7 +211,8 @@ def test_calibrated_scales_need_their_params():
 
 
 def test_bad_kernel_switches_warn_and_keep_the_default(monkeypatch, caplog):
-    """A mistyped TPSERVE_GEMV / TPSERVE_ALLREDUCE / TPSERVE_PDL names the values it takes."""
+    """A mistyped TPSERVE_GEMV / TPSERVE_ALLREDUCE / TPSERVE_STEP_CHANNEL / TPSERVE_PDL
+    names the values it takes."""
     from tpserve.kernels import gemv
     from tpserve.parallel import symm_all_reduce
 
@@ -223,6 +224,10 @@ def test_bad_kernel_switches_warn_and_keep_the_default(monkeypatch, caplog):
         monkeypatch.setenv("TPSERVE_ALLREDUCE", raw)
         assert symm_all_reduce.all_reduce_mode() == want
     assert "'NCCL' is not one of auto, nccl, unfused" in caplog.text
+    from tpserve.kernels.switches import env_choice
+    monkeypatch.setenv("TPSERVE_STEP_CHANNEL", "shm")
+    assert env_choice("TPSERVE_STEP_CHANNEL", ("auto", "gloo"), "auto") == "auto"
+    assert "TPSERVE_STEP_CHANNEL='shm' is not auto or gloo; using auto" in caplog.text
     # PDL never applies without a Hopper GPU, whatever the switch says; a typo warns
     from tpserve.kernels import pdl
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
