@@ -57,8 +57,10 @@ def _elementwise(torch, kernels, ref):
                 _close("apply_rotary", a, b, tol)
     from tpserve.kernels.gemv import gemv, gemv_silu_mul
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-3)):
+        # preload: tiles past K, a remainder loop after 2 or 4 tiles, none preloaded early
         for n, k, launch in ((37, 300, {}), (37, 300, dict(block_n=8, block_k=64)),
-                             (5, 2100, dict(block_n=2, block_k=256, num_warps=1))):
+                             (5, 2100, dict(block_n=2, block_k=256, num_warps=1, preload=4)),
+                             (5, 2100, dict(block_n=2, block_k=256, preload=1))):
             x = torch.randn(1, k, generator=gen).to(dtype)
             w = torch.randn(n, k, generator=gen).to(dtype)
             want = x.double() @ w.double().T  # ragged edges in both N and K
