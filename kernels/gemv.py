@@ -33,6 +33,10 @@ loads its first `preload` weight tiles before it waits for the kernel before it,
 whose output x is, so a GEMV's start overlaps that kernel's end. Two 1024-wide
 tiles made a Llama-3-8B step 1.2% (tp=1) and 1.7% (tp=2) faster than one, on
 2 x H200; four 512-wide ones were slower (more registers, fewer programs resident).
+
+`gemv` can also send its output row into the other ranks' all-reduce slots as it
+computes it (`send`, kernels/peer_slots.py): a row-parallel layer at batch 1, whose
+all-reduce then only waits for the peers' rows.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch
 from ._dispatch import HAS_TRITON, cdiv, use_triton
 from .activation import silu_and_mul
 from .pdl import launch_kwargs
+from .peer_slots import SendTarget
 from .switches import env_choice
 
 # preload: weight tiles a program loads before it waits for x (a power of 2)
@@ -63,6 +68,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .pdl import allow_next, wait_prior
+    from .peer_slots import send_row
 
     @triton.jit
     def _dot_rows(x_ptr, w_ptr, rows, rmask, K, stride_wn, ROWS: tl.constexpr,
@@ -89,12 +95,17 @@ if HAS_TRITON:
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRELOAD: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, buffers, send_offset, rank,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRELOAD: tl.constexpr,
+                     WORLD: tl.constexpr):
+        """WORLD > 0: y also goes to the peers' slots of a `SendTarget`."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rows < N
         y = _dot_rows(x_ptr, w_ptr, rows, nmask, K, stride_wn, BLOCK_N, BLOCK_K, PRELOAD)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=nmask)
+        y = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + rows, y, mask=nmask)
+        if WORLD > 0:
+            send_row(y, buffers, send_offset, rows, nmask, rank, WORLD)
 
     @triton.jit
     def _gemv_silu_mul_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
@@ -116,11 +127,14 @@ if HAS_TRITON:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = LAUNCH["block_n"],
          block_k: int = LAUNCH["block_k"], num_warps: int = LAUNCH["num_warps"],
-         preload: int = LAUNCH["preload"]) -> torch.Tensor:
-    """x [1, K] @ w [N, K].T -> [1, N] in x's dtype, summed in float32."""
+         preload: int = LAUNCH["preload"], send: SendTarget | None = None) -> torch.Tensor:
+    """x [1, K] @ w [N, K].T -> [1, N] in x's dtype, summed in float32. send: the row
+    also goes to the other ranks' slots (kernels/peer_slots.py; 16-bit, CUDA only)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[0] != 1 or x.shape[1] != w.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} must be one row as long as the rows of "
                          f"w {tuple(w.shape)}")
+    if send is not None and not (x.is_cuda and x.element_size() == 2 and use_triton(x)):
+        raise ValueError("gemv: only 16-bit rows on a GPU can be sent to other ranks")
     if not use_triton(x):
         return (x.float() @ w.float().T).to(x.dtype)
     x = x.contiguous()
@@ -128,9 +142,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = LAUNCH["block_n"],
         w = w.contiguous()
     n, k = w.shape
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(cdiv(n, block_n),)](x, w, y, n, k, w.stride(0), BLOCK_N=block_n,
-                                      BLOCK_K=block_k, PRELOAD=preload, num_warps=num_warps,
-                                      **launch_kwargs(x))
+    buffers, offset, rank, world = send or (0, 0, 0, 0)
+    _gemv_kernel[(cdiv(n, block_n),)](x, w, y, n, k, w.stride(0), buffers, offset, rank,
+                                      BLOCK_N=block_n, BLOCK_K=block_k, PRELOAD=preload,
+                                      WORLD=world, num_warps=num_warps, **launch_kwargs(x))
     return y
 
 
@@ -158,21 +173,25 @@ def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, block_n: int = SILU_LAUNCH["
     return y
 
 
-def _one_row(x: torch.Tensor, w: torch.Tensor) -> bool:
+def one_row(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `linear(x, w)` runs `gemv` (and so can send its row, see `linear`)."""
     return (ENABLED and x.is_cuda and x.numel() == x.shape[-1] and w.dtype == x.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and use_triton(x))
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) without bias; one row of 16-bit x on a GPU runs `gemv`."""
-    if _one_row(x, w):
-        return gemv(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[0])
+def linear(x: torch.Tensor, w: torch.Tensor, send: SendTarget | None = None) -> torch.Tensor:
+    """F.linear(x, w) without bias; one row of 16-bit x on a GPU runs `gemv`. send:
+    gemv also sends its row to the other ranks (only where `one_row(x, w)`)."""
+    if one_row(x, w):
+        return gemv(x.reshape(1, -1), w, send=send).reshape(*x.shape[:-1], w.shape[0])
+    if send is not None:
+        raise ValueError("linear: only the one-row GEMV sends its output (see one_row)")
     return torch.nn.functional.linear(x, w)
 
 
 def linear_silu_mul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """silu_and_mul(F.linear(x, w)) for a [gate | up] weight w [2I, K]; one row of
     16-bit x on a GPU runs `gemv_silu_mul`."""
-    if _one_row(x, w):
+    if one_row(x, w):
         return gemv_silu_mul(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[0] // 2)
     return silu_and_mul(torch.nn.functional.linear(x, w))

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.rmsnorm import fused_add_rms_norm
+from ..kernels.peer_slots import SendTarget
 from .symm_all_reduce import SymmAllReduce
 
 
@@ -34,7 +35,10 @@ class LocalGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def all_reduce_add_rms_norm(self, x, residual, weight, eps, bias=None, half=0):
+    def send_target(self, rows: int, hidden: int, dtype: torch.dtype, half: int) -> None:
+        return None
+
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, bias=None, half=0, sent=False):
         return _add_rms_norm(x, residual, weight, eps, bias)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -70,13 +74,27 @@ class DistGroup:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def send_target(self, rows: int, hidden: int, dtype: torch.dtype,
+                    half: int) -> SendTarget | None:
+        """Where the kernel computing `rows` x `hidden` partial sums may send them to the
+        other ranks itself, for `all_reduce_add_rms_norm(..., half, sent=True)`: one
+        row on the one-shot path (kernels/peer_slots.py), else None."""
+        if self.one_shot is None or rows != 1:
+            return None
+        return self.one_shot.send_target(hidden, dtype, half)
+
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor,
                                 weight: torch.Tensor, eps: float,
                                 bias: torch.Tensor | None = None, half: int = 0,
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+                                sent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(h) * weight, h) for h = all_reduce(x) + bias + residual. Callers
         alternate `half` between 0 and 1 from one call to the next (the one-shot
-        kernel's buffer halves; see symm_all_reduce.py)."""
+        kernel's buffer halves; see symm_all_reduce.py). sent: the kernel that computed
+        x sent it to the other ranks already (`send_target`)."""
+        if sent:  # the peers' slots hold x: only the one-shot kernel may take it
+            out, new_residual = self.one_shot.add_rms_norm(x.reshape(1, -1), residual, weight,
+                                                           eps, bias, half, sent=True)
+            return out.view(x.shape), new_residual.view(residual.shape)
         if self.one_shot is not None and self.one_shot.fits_fused(x):
             return self.one_shot.add_rms_norm(x, residual, weight, eps, bias, half)
         return _add_rms_norm(self.all_reduce(x), residual, weight, eps, bias)

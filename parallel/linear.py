@@ -9,13 +9,14 @@ methods and never looks inside the packing.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from ..kernels import awq_dequantize, int4_tinygemm, silu_and_mul, w4a16_gemm
-from ..kernels.gemv import linear, linear_silu_mul
+from ..kernels.gemv import linear, linear_silu_mul, one_row
+from ..kernels.peer_slots import SendTarget
 from .comm import LocalGroup, TPGroup
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ class LinearMethod(Protocol):
     def apply(self, p: Params, x: torch.Tensor) -> torch.Tensor: ...
     def apply_silu_mul(self, p: Params, x: torch.Tensor) -> torch.Tensor:
         """silu(g) * u for [g | u] = apply(p, x): a SwiGLU [gate | up] layer."""
+    def apply_sending(self, p: Params, x: torch.Tensor, send: SendTarget) -> torch.Tensor | None:
+        """apply(p, x), the kernel also writing its output row into the other ranks'
+        all-reduce slots (kernels/peer_slots.py); None, having done nothing, where
+        the format's kernel for x cannot."""
     def finalize(self, layer: "ParallelLinear") -> None:
         """Once the layer's weights are loaded: any repacking for the device's kernels."""
 
@@ -60,6 +65,9 @@ class UnquantizedMethod:
 
     def apply_silu_mul(self, p, x):
         return linear_silu_mul(x, p["weight"])
+
+    def apply_sending(self, p, x, send):
+        return linear(x, p["weight"], send) if one_row(x, p["weight"]) else None
 
     def finalize(self, layer: "ParallelLinear") -> None:
         pass
@@ -116,6 +124,9 @@ class AWQMethod:
     def apply_silu_mul(self, p, x):
         return silu_and_mul(self.apply(p, x))
 
+    def apply_sending(self, p, x, send):
+        return None
+
     def finalize(self, layer: "ParallelLinear") -> None:
         """After loading, where PyTorch's int4 matmul runs (bf16 on CUDA): adds a copy of
         the weights packed for it, used for up to TINYGEMM_MAX_M rows."""
@@ -164,6 +175,17 @@ def linear_method(quant_method: str, group_size: int = 0) -> LinearMethod:
     return UnquantizedMethod()
 
 
+class PartialSums(NamedTuple):
+    """A row-parallel layer's output before its all-reduce (`ParallelLinear.partial`):
+    this rank's sums, the bias to add once after the sum, the all-reduce buffer half
+    (parallel/symm_all_reduce.py), and whether the sums are in the peers' slots
+    already. `TPGroup.all_reduce_add_rms_norm(*partial_args...)` finishes it."""
+    sums: torch.Tensor
+    bias: torch.Tensor | None
+    half: int
+    sent: bool
+
+
 class ParallelLinear(nn.Module):
     """A linear layer holding this rank's shard.
 
@@ -177,6 +199,7 @@ class ParallelLinear(nn.Module):
         super().__init__()
         self.method = method
         self.reduce = reduce
+        self.out_features = out_features
         for name, (shape, dt) in method.shapes(in_features, out_features, dtype).items():
             self.register_buffer(name, torch.empty(shape, dtype=dt))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
@@ -195,12 +218,22 @@ class ParallelLinear(nn.Module):
             raise ValueError("silu_mul is for a column-parallel [gate | up] layer without bias")
         return self.method.apply_silu_mul(self.params(), x)
 
-    def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
-        """partial: a row-parallel layer returns this rank's partial sums, bias not
-        added; the caller finishes them with `group.all_reduce_add_rms_norm`."""
+    def partial(self, x: torch.Tensor, half: int) -> PartialSums:
+        """A row-parallel layer's output before the all-reduce, for the all-reduce
+        buffer half `half` (the caller finishes it with `group.all_reduce_add_rms_norm`).
+        Where the group and the kernel can, the kernel sends the sums to the other
+        ranks itself, so that the all-reduce only waits for theirs."""
+        p = self.params()
+        send = self.reduce.send_target(x.shape[:-1].numel(), self.out_features, x.dtype,
+                                       half) if self.reduce is not None else None
+        y = self.method.apply_sending(p, x, send) if send is not None else None
+        sent = y is not None
+        if not sent:
+            y = self.method.apply(p, x)
+        return PartialSums(y, self.bias, half, sent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.method.apply(self.params(), x)
-        if partial:
-            return y
         if self.reduce is not None and self.reduce.world_size > 1:
             y = self.reduce.all_reduce(y)
         if self.bias is not None:

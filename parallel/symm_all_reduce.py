@@ -22,6 +22,11 @@ attention, 1 after the MLP): a peer writes a half again only two calls later,
 after it has received this rank's rows of the call between, which this rank sends
 only once it has emptied that half.
 
+At batch 1 the row-parallel layer's GEMV sends its row itself, as it computes it
+(`send_target`, kernels/peer_slots.py), and the kernel here (`sent=True`) only waits
+for the peers' rows: the sending overlaps the GEMV. The rule above still holds: that
+GEMV runs after this rank's previous all-reduce kernel has finished.
+
 `SymmAllReduce.create` returns None where it cannot work (ranks on several
 nodes, no symmetric memory in this torch build, no peer access between the
 GPUs), so the caller keeps NCCL. Larger messages (prefill) always go to NCCL,
@@ -36,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.pdl import launch_kwargs
+from ..kernels.peer_slots import SendTarget
 from ..kernels.switches import env_choice
 from .hosts import same_host
 
@@ -61,31 +67,29 @@ def all_reduce_mode() -> str:
 
 if triton is not None:
     from ..kernels.pdl import start
-
-    EMPTY = tl.constexpr(-32768)  # the bits of a 16-bit -0.0: no data has reached it
+    from ..kernels.peer_slots import EMPTY, send_row
 
     @triton.jit
     def _all_reduce_add_rms_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
                                         buffers, half_offset, slot_stride, rank,
                                         stride_x, stride_r, stride_o, stride_nr, hidden, eps,
                                         WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                        BLOCK: tl.constexpr):
+                                        SENT: tl.constexpr, BLOCK: tl.constexpr):
         start()  # kernels/pdl.py
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
         dtype = x_ptr.dtype.element_ty
-        buffers = buffers.to(tl.pointer_type(tl.uint64))
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        bits = x.to(tl.int16, bitcast=True)
-        bits = tl.where(bits == EMPTY, 0, bits).to(tl.int16)  # -0.0 travels as +0.0
-        # this row from this rank: the slot `rank` of the row in every peer's half
-        offset = half_offset + rank * slot_stride + row * hidden
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                theirs = tl.multiple_of(tl.load(buffers + peer).to(tl.pointer_type(tl.int16)), 16)
-                tl.store(theirs + offset + cols, bits, mask=mask)
-        mine = tl.multiple_of(tl.load(buffers + rank).to(tl.pointer_type(tl.int16)), 16)
+        if SENT:  # the kernel that wrote x sent it to the peers already (`SendTarget`)
+            bits = x.to(tl.int16, bitcast=True)
+            bits = tl.where(bits == EMPTY, 0, bits).to(tl.int16)  # as the peers got it
+        else:  # this row from this rank: the slot `rank` of the row in every peer's half
+            bits = send_row(x, buffers, half_offset + rank * slot_stride + row * hidden, cols,
+                            mask, rank, WORLD)
+        mine = tl.multiple_of(
+            tl.load(buffers.to(tl.pointer_type(tl.uint64)) + rank).to(tl.pointer_type(tl.int16)),
+            16)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for src in tl.static_range(WORLD):
             if src == rank:
@@ -187,13 +191,26 @@ class SymmAllReduce:
         return (self.join_norm and x.dim() == 2 and x.shape[0] <= MAX_FUSED_ROWS
                 and x.dtype == self.dtype and x.stride(-1) == 1 and x.numel() <= self.slot_numel)
 
+    def send_target(self, hidden: int, dtype: torch.dtype, half: int) -> SendTarget | None:
+        """Where the kernel that computes one row of `hidden` partial sums may send them
+        itself (kernels/peer_slots.py), for `add_rms_norm(..., half, sent=True)`; None
+        where add_rms_norm would not take such a row."""
+        if not self.join_norm or dtype != self.dtype or hidden > self.slot_numel:
+            return None
+        h = self.handle
+        offset = half * self.world * self.slot_numel + h.rank * self.slot_numel
+        return SendTarget(h.buffer_ptrs_dev, offset, h.rank, h.world_size)
+
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float, bias: torch.Tensor | None, half: int,
+                     eps: float, bias: torch.Tensor | None, half: int, sent: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(h) * weight, h) for h = (sum over ranks of `x`) + bias + residual, of
         [rows, hidden] partial sums `x` (see fits_fused), in one kernel. `half`, 0 or 1,
-        must differ from the previous call's (see the module's docstring)."""
+        must differ from the previous call's (see the module's docstring). sent: x is
+        one row that the kernel computing it has sent already (`send_target`)."""
         rows, hidden = x.shape
+        if sent and rows != 1:
+            raise ValueError(f"add_rms_norm: sent partial sums are one row, not {rows}")
         residual = residual.reshape(rows, hidden)
         out, new_residual = torch.empty_like(x), torch.empty_like(residual)
         if rows:
@@ -202,7 +219,7 @@ class SymmAllReduce:
                 x, x if bias is None else bias, residual, weight, out, new_residual,
                 h.buffer_ptrs_dev, half * self.world * self.slot_numel, self.slot_numel, h.rank,
                 x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0), hidden,
-                eps, WORLD=h.world_size, HAS_BIAS=bias is not None,
+                eps, WORLD=h.world_size, HAS_BIAS=bias is not None, SENT=sent,
                 BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8,
                 **launch_kwargs(x))
         return out, new_residual

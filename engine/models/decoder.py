@@ -12,7 +12,7 @@ from torch import nn
 
 from ...kernels import build_cos_sin_cache, paged_attention, rms_norm, rotate_and_store
 from ...parallel.comm import LocalGroup, TPGroup
-from ...parallel.linear import (LinearMethod, ParallelLinear, ParallelLMHead,
+from ...parallel.linear import (LinearMethod, ParallelLinear, ParallelLMHead, PartialSums,
                                 VocabParallelEmbedding)
 from ...parallel.sharding import ShardPlan
 from ..config import ModelConfig
@@ -82,7 +82,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sums of the output (see DecoderLayer.pre_attention)."""
-        return self.down_proj(self.gate_up_proj.silu_mul(x), partial=True)
+        return self.down_proj.partial(self.gate_up_proj.silu_mul(x), half=1)
 
 
 class DecoderLayer(nn.Module):
@@ -101,21 +101,21 @@ class DecoderLayer(nn.Module):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
-            x, residual = reduce_add_norm(self.group, x, residual, self.input_layernorm, None, 1)
+            x, residual = reduce_add_norm(self.group, x, residual, self.input_layernorm)
         return self.self_attn.project(x, positions, slot_mapping, cos_sin, kv), residual
 
     def post_attention(self, attn, residual):
         """(MLP partial sums, residual): the output projection, the second norm, the MLP."""
-        o_proj = self.self_attn.o_proj
-        x, residual = reduce_add_norm(self.group, o_proj(attn, partial=True), residual,
-                                      self.post_attention_layernorm, o_proj.bias, 0)
+        x, residual = reduce_add_norm(self.group, self.self_attn.o_proj.partial(attn, half=0),
+                                      residual, self.post_attention_layernorm)
         return self.mlp(x), residual
 
 
-def reduce_add_norm(group: TPGroup, partial, residual, norm: RMSNorm, bias, half: int):
+def reduce_add_norm(group: TPGroup, partial: PartialSums, residual, norm: RMSNorm):
     """A row-parallel layer's all-reduce with the bias add, residual add and norm after it.
     The calls of a forward alternate halves: 0 after attention, 1 after the MLP."""
-    return group.all_reduce_add_rms_norm(partial, residual, norm.weight, norm.eps, bias, half)
+    return group.all_reduce_add_rms_norm(partial.sums, residual, norm.weight, norm.eps,
+                                         partial.bias, partial.half, partial.sent)
 
 
 class DecoderModel(nn.Module):
@@ -157,7 +157,7 @@ class DecoderModel(nn.Module):
         else:
             x, residual = self.layers[i - 1].post_attention(x, residual)
         if i == len(self.layers):
-            return reduce_add_norm(self.group, x, residual, self.norm, None, 1)[0], None
+            return reduce_add_norm(self.group, x, residual, self.norm)[0], None
         return self.layers[i].pre_attention(x, residual, positions, slot_mapping, self.cos_sin,
                                             kv_cache.layer(i))
 

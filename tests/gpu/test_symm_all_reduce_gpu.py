@@ -2,7 +2,8 @@
 with the bias add, residual add and RMSNorm equals NCCL's all-reduce followed by
 those steps, eagerly and replayed from a CUDA graph, on decode-sized messages of
 awkward widths and partial sums of -0.0 (the joined kernel's empty-slot mark),
-over 2 GPUs."""
+over 2 GPUs; and a row-parallel layer whose one-row GEMV sends its partial sums to
+the peer itself, the all-reduce after it only waiting for them."""
 from __future__ import annotations
 
 import os
@@ -58,7 +59,8 @@ def rank_main(rank: int, world: int, port: int, results: dict) -> None:
         dist.all_reduce(want)
         graph.replay()
         errors.append((out - want).abs().max().item())
-    results[rank] = (group.one_shot is not None, max(errors), fused_errors(group, device, gen))
+    results[rank] = (group.one_shot is not None, max(errors), fused_errors(group, device, gen),
+                     sent_errors(group, device, gen))
     dist.barrier()
     os._exit(0)  # destroy_process_group can wait forever on symmetric-memory teardown
 
@@ -116,6 +118,66 @@ def fused_errors(group, device, gen) -> float:
     return max(errs)
 
 
+def sent_errors(group, device, gen) -> tuple[bool, float]:
+    """(every one-row call sent, largest difference from NCCL + the separate kernels)
+    for a row-parallel layer's `partial` finished by the joined all-reduce: sent and
+    not sent in turn, rows of -0.0 among the sums, and two calls a CUDA graph replay."""
+    from tpserve.kernels.gemv import gemv
+    from tpserve.parallel.linear import ParallelLinear, UnquantizedMethod
+
+    hidden, k = 4096, 2048
+    layers = []
+    for bias in (True, False):
+        layer = ParallelLinear(k, hidden, bias, UnquantizedMethod(), torch.bfloat16,
+                               reduce=group).to(device)
+        layer.weight.copy_(torch.randn(hidden, k, generator=gen, device=device) / k ** 0.5)
+        layer.weight[::5] = 0.0  # with x < 0 these rows sum to -0.0
+        if bias:
+            layer.bias.copy_(torch.linspace(-1, 1, hidden, device=device))
+        layers.append(layer)
+    norm_w = torch.ones(hidden, dtype=torch.bfloat16, device=device) + 0.1
+
+    def finish(layer, x, residual, half):
+        p = layer.partial(x, half)
+        out, res = group.all_reduce_add_rms_norm(p.sums, residual, norm_w, 1e-5, p.bias,
+                                                 p.half, p.sent)
+        return p.sent, out, res
+
+    def want(layer, x, residual):
+        return unfused(gemv(x, layer.weight), residual, norm_w, layer.bias)
+
+    all_sent, errs = True, []
+    for i in range(12):
+        layer = layers[i % 2]
+        rows = 1 if i % 3 else 2  # two rows: cuBLAS, not sent
+        x = -(torch.rand(rows, k, generator=gen, device=device) + 0.1).to(torch.bfloat16)
+        residual = torch.randn(rows, hidden, generator=gen, device=device).to(torch.bfloat16)
+        sent, out, res = finish(layer, x, residual, i % 2)
+        all_sent &= sent == (rows == 1)
+        if rows == 1:
+            want_out, want_res = want(layer, x, residual)
+            errs += [(out - want_out).abs().max().item(), (res - want_res).abs().max().item() / 8]
+    x = torch.randn(1, k, generator=gen, device=device).to(torch.bfloat16)
+    residual = torch.randn(1, hidden, generator=gen, device=device).to(torch.bfloat16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for half in (0, 1):
+            finish(layers[half], x, residual, half)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, mid, mid_res = finish(layers[0], x, residual, 0)
+        _, out, res = finish(layers[1], mid[:, :k].contiguous(), mid_res, 1)
+    for _ in range(10):
+        x.copy_(torch.randn(1, k, generator=gen, device=device))
+        residual.copy_(torch.randn(1, hidden, generator=gen, device=device))
+        graph.replay()
+        want_mid, want_mid_res = want(layers[0], x, residual)
+        want_out, want_res = want(layers[1], want_mid[:, :k].contiguous(), want_mid_res)
+        errs += [(mid - want_mid).abs().max().item(), (out - want_out).abs().max().item()]
+    return all_sent, max(errs)
+
+
 def test_one_shot_all_reduce_matches_nccl():
     os.environ.setdefault("TPSERVE_ALLREDUCE", "auto")
     world = 2
@@ -124,9 +186,11 @@ def test_one_shot_all_reduce_matches_nccl():
         mp.spawn(rank_main, args=(world, free_port(), results), nprocs=world)
         results = dict(results)
     for rank in range(world):
-        used, err, fused_err = results[rank]
+        used, err, fused_err, (all_sent, sent_err) = results[rank]
         assert used, "the one-shot path was not set up on a 2-GPU machine"
         # both sum two bf16 values in float and round once: they may differ by one ulp
         assert err <= 2 ** -6 * 8, f"rank {rank}: max error {err}"
         # normalized values are O(1): one bf16 ulp of them, at most
         assert fused_err <= 2 ** -6, f"rank {rank}: joined kernel off by {fused_err}"
+        assert all_sent, f"rank {rank}: a one-row GEMV did not send its partial sums"
+        assert sent_err <= 2 ** -6, f"rank {rank}: sent partial sums off by {sent_err}"

@@ -103,3 +103,42 @@ def test_tp_nccl_greedy_equals_tp1(tp, reference):
         print(f"tp={tp} decode step (1 seq): {(time.perf_counter() - start) / 50 * 1e3:.2f} ms")
     finally:
         ex.shutdown()
+
+
+def forced_decode_logits(runner, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits [1 + len(tokens), vocab] of one sequence: its prompt, then one given token a
+    step (batch 1: the one-row GEMVs, and at tp > 1 the ones that send their rows)."""
+    bs = runner.block_size
+    table = [list(range(-(-(len(prompt) + len(tokens)) // bs)))]
+    # copied at once: a runner replaying CUDA graphs returns its graph's output buffer
+    out = [runner.execute(ForwardBatch.build([prompt], [0], table, bs)).float().cpu().clone()]
+    for step, t in enumerate(tokens):
+        batch = ForwardBatch.build([[t]], [len(prompt) + step], table, bs)
+        out.append(runner.execute(batch).float().cpu().clone())
+    return torch.cat(out)
+
+
+def test_tp2_bf16_one_sequence_close_to_tp1(reference):
+    """bf16 at batch 1, CUDA graphs: tp=2's logits (row-parallel GEMVs sending their
+    partial sums, the all-reduce joined with the norm) within bf16 rounding of tp=1's."""
+    src, tmp, (_, ref_tokens) = reference
+    prompt, tokens = PROMPTS[0], ref_tokens[0][:16]
+    config = CONFIG.replace(dtype="bfloat16")
+    ws1, ws2 = tmp / "ws1", convert("llama2", src, tmp / "ws2bf16", tp=2, progress=False)
+    runner = ModelRunner(ws1, read_meta(ws1), config)
+    want = forced_decode_logits(runner, prompt, tokens)
+    del runner
+    torch.cuda.empty_cache()
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, num_gpus=torch.cuda.device_count(), include_dashboard=False)
+    ex = RayExecutor(2, functools.partial(ModelRunner, ws2, read_meta(ws2), config),
+                     device="cuda")
+    try:
+        got = forced_decode_logits(ex, prompt, tokens)
+    finally:
+        ex.shutdown()
+    scale = float(want.abs().max())
+    err = (got - want).abs()
+    print(f"tp=2 bf16 vs tp=1: max {err.max() / scale:.2e}, mean {err.mean() / scale:.2e} "
+          f"of the largest logit")
+    assert err.max() <= 3e-2 * scale and err.mean() <= 5e-3 * scale
