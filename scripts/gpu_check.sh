@@ -15,6 +15,9 @@
 #        tp         tp=1/2/4 batch-1 decode on the Llama-3-8B shape (as many GPUs as there are)
 #        tpstep     all-reduce micro-benchmark, and where a tp=2 step's time goes (NCCL vs one-shot)
 #        serving    bench_serving.py through the Ray Serve app vs the in-process engine
+#        ab         batch-1 decode (tp=1, and tp=2 where there are 2 GPUs) of the tree in
+#                   .ab_base/ (scripts/ab_base.sh REV) against this checkout, interleaved,
+#                   $AB_ROUNDS rounds (default 2); carry .ab_base/ to the GPU machine
 #        clean      remove the random workspaces ($BENCH_DIR, default /tmp/tpserve-bench)
 #
 # Logs go to $OUT (or ./gpu_logs). A machine without network can get Ray from a
@@ -141,6 +144,25 @@ for part in "${parts[@]}"; do
       TPSERVE_ALLREDUCE=$ar timeout -k 10 200 python3 scripts/bench_tp.py --tp 2 --layers 32 \
         --profile --workspace-dir "$scratch/bench_tp" > "$out/bench_tp_$ar.log" 2>&1
       grep "kernels\|tp=" "$out/bench_tp_$ar.log"
+    done;;
+  ab)
+    [ -f .ab_base/REVISION ] || { echo "ab: no .ab_base/; run scripts/ab_base.sh REV first"; continue; }
+    echo "base: $(cat .ab_base/REVISION)"
+    mkdir -p /tmp/tpserve-ab/base /tmp/tpserve-ab/new
+    ln -sfn "$PWD/.ab_base" /tmp/tpserve-ab/base/tpserve
+    ln -sfn "$PWD" /tmp/tpserve-ab/new/tpserve
+    ws1=$(workspace l3 --shape llama3-8b)
+    [ "$gpus" -ge 2 ] && ws2=$(workspace l3tp2 --shape llama3-8b --tp 2)
+    for i in $(seq "${AB_ROUNDS:-2}"); do
+      for tree in base new; do
+        for tp in 1 2; do
+          [ $tp -eq 1 ] && ws=$ws1 || { [ "$gpus" -ge 2 ] || continue; ws=$ws2; }
+          PYTHONPATH=/tmp/tpserve-ab/$tree:$PYTHONPATH timeout -k 10 400 python3 \
+            scripts/bench_latency.py --workspace "$ws" --tp $tp --batch 1 --out-len 128 \
+            --label "$tree tp=$tp" --no-baseline --json "$out/ab_${tree}_tp${tp}_$i.json" \
+            2>&1 | tail -1
+        done
+      done
     done;;
   serving)
     ws=$(workspace l3 --shape llama3-8b)
