@@ -15,7 +15,9 @@
   rows on the Llama-3-8B MLP shapes;
 - the one-row GEMV and its SwiGLU twin (kernels/gemv.py, `LAUNCH`, `SILU_LAUNCH`)
   on the Llama-3-8B matrices whole and halved for tp=2, with the weights read from
-  memory, not L2 (`--only gemv`).
+  memory, not L2 (`--only gemv`). Every launch keeps the default `preload`: what
+  preloading buys is overlap with the kernel before, which a GEMV timed alone
+  cannot show (time it in a whole step: `scripts/gpu_check.sh ab`).
 
 Every configuration's output is checked against the default's; the table shows
 the default, the best and the gain. Copy the winners into the kernels' tables.
