@@ -33,11 +33,16 @@ if HAS_TRITON:
     EMPTY = tl.constexpr(-32768)  # the bits of a 16-bit -0.0: no data has reached it
 
     @triton.jit
+    def wire_bits(values):
+        """16-bit `values` as the int16 bits a slot receives: -0.0 made +0.0."""
+        bits = values.to(tl.int16, bitcast=True)
+        return tl.where(bits == EMPTY, 0, bits).to(tl.int16)
+
+    @triton.jit
     def send_row(values, buffers, offset, cols, mask, rank, WORLD: tl.constexpr):
         """Writes 16-bit `values` at element `offset + cols` of every peer's buffer
         (-0.0 as +0.0) and returns the bits sent, as int16."""
-        bits = values.to(tl.int16, bitcast=True)
-        bits = tl.where(bits == EMPTY, 0, bits).to(tl.int16)
+        bits = wire_bits(values)
         buffers = buffers.to(tl.pointer_type(tl.uint64))
         for peer in tl.static_range(WORLD):
             if peer != rank:

@@ -179,7 +179,7 @@ class PartialSums(NamedTuple):
     """A row-parallel layer's output before its all-reduce (`ParallelLinear.partial`):
     this rank's sums, the bias to add once after the sum, the all-reduce buffer half
     (parallel/symm_all_reduce.py), and whether the sums are in the peers' slots
-    already. `TPGroup.all_reduce_add_rms_norm(*partial_args...)` finishes it."""
+    already. `TPGroup.all_reduce_add_rms_norm` finishes it, given all four."""
     sums: torch.Tensor
     bias: torch.Tensor | None
     half: int

@@ -67,7 +67,7 @@ def all_reduce_mode() -> str:
 
 if triton is not None:
     from ..kernels.pdl import start
-    from ..kernels.peer_slots import EMPTY, send_row
+    from ..kernels.peer_slots import EMPTY, send_row, wire_bits
 
     @triton.jit
     def _all_reduce_add_rms_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
@@ -82,8 +82,7 @@ if triton is not None:
         dtype = x_ptr.dtype.element_ty
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         if SENT:  # the kernel that wrote x sent it to the peers already (`SendTarget`)
-            bits = x.to(tl.int16, bitcast=True)
-            bits = tl.where(bits == EMPTY, 0, bits).to(tl.int16)  # as the peers got it
+            bits = wire_bits(x)  # as the peers got it
         else:  # this row from this rank: the slot `rank` of the row in every peer's half
             bits = send_row(x, buffers, half_offset + rank * slot_stride + row * hidden, cols,
                             mask, rank, WORLD)
@@ -198,8 +197,12 @@ class SymmAllReduce:
         if not self.join_norm or dtype != self.dtype or hidden > self.slot_numel:
             return None
         h = self.handle
-        offset = half * self.world * self.slot_numel + h.rank * self.slot_numel
+        offset = self._half_offset(half) + h.rank * self.slot_numel
         return SendTarget(h.buffer_ptrs_dev, offset, h.rank, h.world_size)
+
+    def _half_offset(self, half: int) -> int:
+        """The first element of buffer half `half`: world slots of slot_numel each."""
+        return half * self.world * self.slot_numel
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float, bias: torch.Tensor | None, half: int, sent: bool = False,
@@ -217,7 +220,7 @@ class SymmAllReduce:
             h = self.handle
             _all_reduce_add_rms_norm_kernel[(rows,)](
                 x, x if bias is None else bias, residual, weight, out, new_residual,
-                h.buffer_ptrs_dev, half * self.world * self.slot_numel, self.slot_numel, h.rank,
+                h.buffer_ptrs_dev, self._half_offset(half), self.slot_numel, h.rank,
                 x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0), hidden,
                 eps, WORLD=h.world_size, HAS_BIAS=bias is not None, SENT=sent,
                 BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8,
