@@ -24,6 +24,13 @@ def fused_add_rms_norm(x, residual, weight, eps):
     return rms_norm(new_residual, weight, eps), new_residual
 
 
+def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, first: int = 0) -> torch.Tensor:
+    local = ids - first
+    outside = (local < 0) | (local >= weight.shape[0])
+    out = torch.nn.functional.embedding(local.masked_fill(outside, 0), weight)
+    return out.masked_fill(outside.unsqueeze(-1), 0)
+
+
 def build_cos_sin_cache(inv_freq: torch.Tensor, max_pos: int,
                         attention_scaling: float = 1.0) -> torch.Tensor:
     """[max_pos, d] float32: cos in the first half, sin in the second."""

@@ -14,14 +14,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..kernels.rmsnorm import fused_add_rms_norm
+from ..kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from ..kernels.peer_slots import SendTarget
 from .symm_all_reduce import SymmAllReduce
 
 
 def _add_rms_norm(x, residual, weight, eps, bias):
+    """(rms_norm(h) * weight, h) for h = x + bias + residual; residual None: no add."""
     if bias is not None:
         x = x + bias
+    if residual is None:
+        return rms_norm(x, weight, eps), x
     return fused_add_rms_norm(x, residual, weight, eps)
 
 
@@ -43,6 +46,9 @@ class LocalGroup:
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return x
+
+    def all_gather_vocab(self, x, vocab_size, half=0, sent=False):
+        return x[..., :vocab_size].float()
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -83,18 +89,18 @@ class DistGroup:
             return None
         return self.one_shot.send_target(hidden, dtype, half)
 
-    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor,
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
                                 weight: torch.Tensor, eps: float,
                                 bias: torch.Tensor | None = None, half: int = 0,
                                 sent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rms_norm(h) * weight, h) for h = all_reduce(x) + bias + residual. Callers
-        alternate `half` between 0 and 1 from one call to the next (the one-shot
-        kernel's buffer halves; see symm_all_reduce.py). sent: the kernel that computed
-        x sent it to the other ranks already (`send_target`)."""
+        """(rms_norm(h) * weight, h) for h = all_reduce(x) + bias + residual (residual
+        None: no add). Callers alternate `half` between 0 and 1 from one call to the
+        next (the one-shot kernel's buffer halves; see symm_all_reduce.py). sent: the
+        kernel that computed x sent it to the other ranks already (`send_target`)."""
         if sent:  # the peers' slots hold x: only the one-shot kernel may take it
             out, new_residual = self.one_shot.add_rms_norm(x.reshape(1, -1), residual, weight,
                                                            eps, bias, half, sent=True)
-            return out.view(x.shape), new_residual.view(residual.shape)
+            return out.view(x.shape), new_residual.view(x.shape)
         if self.one_shot is not None and self.one_shot.fits_fused(x):
             return self.one_shot.add_rms_norm(x, residual, weight, eps, bias, half)
         return _add_rms_norm(self.all_reduce(x), residual, weight, eps, bias)
@@ -103,6 +109,21 @@ class DistGroup:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+    def all_gather_vocab(self, x: torch.Tensor, vocab_size: int, half: int = 0,
+                         sent: bool = False) -> torch.Tensor:
+        """[rows, vocab_size] float32 on every rank from each rank's [rows, V/tp] slice of
+        a vocab-parallel output: the ranks' slices side by side, trimmed to the real
+        vocab. On the one-shot path one kernel, over buffer half `half` (alternating
+        with the all-reduces, see all_reduce_add_rms_norm); sent: the kernel that
+        computed x sent it to the other ranks already (`send_target`)."""
+        if sent or (self.one_shot is not None and self.one_shot.fits_gather(x)):
+            return self.one_shot.gather(x, vocab_size, half, sent)
+        if self.one_shot is not None and x.shape[0] == 0:
+            # NCCL skips an empty gather, but the one-shot calls' halves need the ranks to
+            # meet between the last all-reduce of a step and the first of the next
+            dist.all_reduce(torch.zeros(1, device=x.device), group=self.group)
+        return self.all_gather(x, dim=-1)[..., :vocab_size].float()
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` on every rank, in place."""

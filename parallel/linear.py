@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..kernels import awq_dequantize, int4_tinygemm, silu_and_mul, w4a16_gemm
+from ..kernels.embedding import vocab_embedding
 from ..kernels.gemv import linear, linear_silu_mul, one_row
 from ..kernels.peer_slots import SendTarget
 from .comm import LocalGroup, TPGroup
@@ -252,14 +253,20 @@ class VocabParallelEmbedding(nn.Module):
         self.start = group.rank * self.per_rank
         self.register_buffer("weight", torch.empty(self.per_rank, hidden, dtype=dtype))
 
+    def partial(self, ids: torch.Tensor, half: int) -> PartialSums:
+        """The lookup before its all-reduce, as a row-parallel layer's `partial`: this
+        rank's rows, zeros for the ids of other ranks, sent to them already where the
+        group and the kernel can (one id on the one-shot path)."""
+        if self.group.world_size == 1:
+            return PartialSums(torch.nn.functional.embedding(ids, self.weight), None, half, False)
+        send = self.group.send_target(ids.numel(), self.weight.shape[1], self.weight.dtype, half)
+        rows = vocab_embedding(ids, self.weight, self.start, send)
+        return PartialSums(rows, None, half, send is not None)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group.world_size == 1:
             return torch.nn.functional.embedding(ids, self.weight)
-        local = ids - self.start
-        outside = (local < 0) | (local >= self.per_rank)
-        out = torch.nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
-        out = out.masked_fill(outside.unsqueeze(-1), 0)
-        return self.group.all_reduce(out)
+        return self.group.all_reduce(vocab_embedding(ids, self.weight, self.start))
 
 
 class ParallelLMHead(nn.Module):
@@ -274,8 +281,14 @@ class ParallelLMHead(nn.Module):
         shape = (padded_vocab // group.world_size, hidden)
         self.register_buffer("weight", torch.empty(shape, dtype=dtype) if own_weight else None)
 
-    def forward(self, hidden: torch.Tensor, tied: torch.Tensor | None = None) -> torch.Tensor:
-        """tied: the embedding's shard, for models whose output reuses it."""
-        logits = linear(hidden, self.weight if tied is None else tied)
-        logits = self.group.all_gather(logits, dim=-1)
-        return logits[..., :self.vocab_size]
+    def forward(self, hidden: torch.Tensor, tied: torch.Tensor | None = None,
+                half: int = 0) -> torch.Tensor:
+        """[rows, vocab_size] float32 logits on every rank. tied: the embedding's shard,
+        for models whose output reuses it. half: the all-reduce buffer half the gather
+        may use (parallel/symm_all_reduce.py; the decoder's calls alternate halves)."""
+        w = self.weight if tied is None else tied
+        send = None
+        if self.group.world_size > 1 and one_row(hidden, w):  # the GEMV sends its row
+            send = self.group.send_target(1, w.shape[0], hidden.dtype, half)
+        logits = linear(hidden, w, send)
+        return self.group.all_gather_vocab(logits, self.vocab_size, half, send is not None)

@@ -25,7 +25,14 @@ only once it has emptied that half.
 At batch 1 the row-parallel layer's GEMV sends its row itself, as it computes it
 (`send_target`, kernels/peer_slots.py), and the kernel here (`sent=True`) only waits
 for the peers' rows: the sending overlaps the GEMV. The rule above still holds: that
-GEMV runs after this rank's previous all-reduce kernel has finished.
+GEMV runs after this rank's previous all-reduce kernel has finished. The vocab-parallel
+embedding's lookup sends its row the same way, and its all-reduce has no residual.
+
+`gather` uses the same slots for the vocab-parallel logits: each rank's slice of a
+row goes to every peer, and each rank writes all slices side by side as float32.
+It is a call of the alternation too (the decoder: the embedding 1, then 0 and 1 per
+layer, the gather 0). A step that gathers no rows meets the other ranks over NCCL
+instead (parallel/comm.py), as do the calls that do not fit these slots.
 
 `SymmAllReduce.create` returns None where it cannot work (ranks on several
 nodes, no symmetric memory in this torch build, no peer access between the
@@ -74,7 +81,8 @@ if triton is not None:
                                         buffers, half_offset, slot_stride, rank,
                                         stride_x, stride_r, stride_o, stride_nr, hidden, eps,
                                         WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                        SENT: tl.constexpr, BLOCK: tl.constexpr):
+                                        HAS_RESIDUAL: tl.constexpr, SENT: tl.constexpr,
+                                        BLOCK: tl.constexpr):
         start()  # kernels/pdl.py
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -107,8 +115,10 @@ if triton is not None:
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=mask, other=0.0)
             total = (total.to(tl.float32) + b.to(tl.float32)).to(dtype)
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        h = (total.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        h = total
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            h = (total.to(tl.float32) + r.to(tl.float32)).to(dtype)
         tl.store(new_res_ptr + row * stride_nr + cols, h, mask=mask)
         hf = h.to(tl.float32)
         var = tl.sum(hf * hf, axis=0) / hidden
@@ -116,6 +126,40 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         out = w.to(tl.float32) * hn.to(tl.float32)
         tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _all_gather_kernel(x_ptr, out_ptr, buffers, half_offset, slot_stride, rank, stride_x,
+                           stride_o, cols, vocab, WORLD: tl.constexpr, SENT: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """out[row, src * cols + c] = rank src's x[row, c] as float32, for src * cols + c <
+        vocab: one BLOCK of one row from every rank, through the slots as above."""
+        start()  # kernels/pdl.py
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < cols
+        x = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0)
+        dtype = x_ptr.dtype.element_ty
+        if SENT:
+            bits = wire_bits(x)
+        else:
+            bits = send_row(x, buffers, half_offset + rank * slot_stride + row * cols, c, mask,
+                            rank, WORLD)
+        mine = tl.multiple_of(
+            tl.load(buffers.to(tl.pointer_type(tl.uint64)) + rank).to(tl.pointer_type(tl.int16)),
+            16)
+        for src in tl.static_range(WORLD):
+            if src == rank:
+                got = bits
+            else:
+                slot = mine + half_offset + src * slot_stride + row * cols + c
+                got = tl.load(slot, mask=mask, other=0, volatile=True)
+                while tl.max((got == EMPTY).to(tl.int32), axis=0) != 0:
+                    got = tl.load(slot, mask=mask, other=0, volatile=True)
+                tl.store(slot, tl.full([BLOCK], EMPTY, tl.int16), mask=mask)
+            dst = src * cols + c
+            tl.store(out_ptr + row * stride_o + dst, got.to(dtype, bitcast=True).to(tl.float32),
+                     mask=mask & (dst < vocab))
 
 
 class SymmAllReduce:
@@ -176,7 +220,7 @@ class SymmAllReduce:
     def _joined_works(self, probe: torch.Tensor, total: float) -> bool:
         ones = torch.ones(1, probe.numel(), dtype=probe.dtype, device=probe.device)
         ok = True
-        for half in (0, 1):  # ends on 1: a decoder's first call takes 0
+        for half in (0, 1):  # the NCCL all-reduce after the probe meets the ranks again
             out, res = self.add_rms_norm(probe.view(1, -1), ones.clone(), ones.view(-1), 0.0,
                                          None, half)
             ok = ok and bool((res == total + 1).all()) and bool(((out - 1).abs() < 1e-2).all())
@@ -189,6 +233,29 @@ class SymmAllReduce:
     def fits_fused(self, x: torch.Tensor) -> bool:
         return (self.join_norm and x.dim() == 2 and x.shape[0] <= MAX_FUSED_ROWS
                 and x.dtype == self.dtype and x.stride(-1) == 1 and x.numel() <= self.slot_numel)
+
+    def fits_gather(self, x: torch.Tensor) -> bool:
+        return (self.join_norm and x.dim() == 2 and 1 <= x.shape[0] <= MAX_FUSED_ROWS
+                and x.dtype == self.dtype and x.stride(-1) == 1 and x.numel() <= self.slot_numel)
+
+    def gather(self, x: torch.Tensor, vocab_size: int, half: int, sent: bool = False,
+               ) -> torch.Tensor:
+        """[rows, vocab_size] float32: every rank's [rows, cols] `x` side by side in rank
+        order, trimmed to vocab_size, in one kernel over buffer half `half` (the same
+        rule as add_rms_norm's). sent: x is one row that the kernel computing it has
+        sent already (`send_target`)."""
+        rows, cols = x.shape
+        if sent and rows != 1:
+            raise ValueError(f"gather: sent rows are one row, not {rows}")
+        out = torch.empty(rows, vocab_size, dtype=torch.float32, device=x.device)
+        block = min(1024, triton.next_power_of_2(cols))
+        if rows:
+            h = self.handle
+            _all_gather_kernel[(rows, triton.cdiv(cols, block))](
+                x, out, h.buffer_ptrs_dev, self._half_offset(half), self.slot_numel, h.rank,
+                x.stride(0), out.stride(0), cols, vocab_size, WORLD=h.world_size, SENT=sent,
+                BLOCK=block, num_warps=4, **launch_kwargs(x))
+        return out
 
     def send_target(self, hidden: int, dtype: torch.dtype, half: int) -> SendTarget | None:
         """Where the kernel that computes one row of `hidden` partial sums may send them
@@ -208,21 +275,25 @@ class SymmAllReduce:
                      eps: float, bias: torch.Tensor | None, half: int, sent: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(h) * weight, h) for h = (sum over ranks of `x`) + bias + residual, of
-        [rows, hidden] partial sums `x` (see fits_fused), in one kernel. `half`, 0 or 1,
+        [rows, hidden] partial sums `x` (see fits_fused), in one kernel; residual None:
+        no add. `half`, 0 or 1,
         must differ from the previous call's (see the module's docstring). sent: x is
         one row that the kernel computing it has sent already (`send_target`)."""
         rows, hidden = x.shape
         if sent and rows != 1:
             raise ValueError(f"add_rms_norm: sent partial sums are one row, not {rows}")
-        residual = residual.reshape(rows, hidden)
-        out, new_residual = torch.empty_like(x), torch.empty_like(residual)
+        if residual is not None:
+            residual = residual.reshape(rows, hidden)
+        res = x if residual is None else residual
+        out, new_residual = torch.empty_like(x), torch.empty_like(x)
         if rows:
             h = self.handle
             _all_reduce_add_rms_norm_kernel[(rows,)](
-                x, x if bias is None else bias, residual, weight, out, new_residual,
+                x, x if bias is None else bias, res, weight, out, new_residual,
                 h.buffer_ptrs_dev, self._half_offset(half), self.slot_numel, h.rank,
-                x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0), hidden,
-                eps, WORLD=h.world_size, HAS_BIAS=bias is not None, SENT=sent,
+                x.stride(0), res.stride(0), out.stride(0), new_residual.stride(0), hidden,
+                eps, WORLD=h.world_size, HAS_BIAS=bias is not None,
+                HAS_RESIDUAL=residual is not None, SENT=sent,
                 BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8,
                 **launch_kwargs(x))
         return out, new_residual

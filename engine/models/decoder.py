@@ -97,11 +97,8 @@ class DecoderLayer(nn.Module):
 
     def pre_attention(self, x, residual, positions, slot_mapping, cos_sin, kv):
         """(queries, residual): the input norm and the q/k/v projection, K and V cached.
-        x is the embeddings (residual None) or the previous layer's MLP partial sums."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = reduce_add_norm(self.group, x, residual, self.input_layernorm)
+        x is the embedding's partial sums (residual None) or the previous layer's MLP's."""
+        x, residual = reduce_add_norm(self.group, x, residual, self.input_layernorm)
         return self.self_attn.project(x, positions, slot_mapping, cos_sin, kv), residual
 
     def post_attention(self, attn, residual):
@@ -112,8 +109,10 @@ class DecoderLayer(nn.Module):
 
 
 def reduce_add_norm(group: TPGroup, partial: PartialSums, residual, norm: RMSNorm):
-    """A row-parallel layer's all-reduce with the bias add, residual add and norm after it.
-    The calls of a forward alternate halves: 0 after attention, 1 after the MLP."""
+    """A row-parallel layer's all-reduce with the bias add, residual add (none for the
+    embedding) and norm after it. The calls of a forward alternate the all-reduce
+    buffer halves: 1 for the embedding, 0 after attention, 1 after the MLP, and 0 for
+    the logits' gather (`compute_logits`), so the next forward's embedding takes 1."""
     return group.all_reduce_add_rms_norm(partial.sums, residual, norm.weight, norm.eps,
                                          partial.bias, partial.half, partial.sent)
 
@@ -153,7 +152,7 @@ class DecoderModel(nn.Module):
         residual) with layer i's K/V cached; piece L returns (final hidden states, None).
         """
         if i == 0:
-            x = self.embed_tokens(x)
+            x = self.embed_tokens.partial(x, half=1)
         else:
             x, residual = self.layers[i - 1].post_attention(x, residual)
         if i == len(self.layers):
@@ -178,4 +177,4 @@ class DecoderModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab_size] float32, whole vocab on every rank."""
         tied = self.embed_tokens.weight if self.config.tie_word_embeddings else None
-        return self.lm_head(hidden, tied).float()
+        return self.lm_head(hidden, tied, half=0)

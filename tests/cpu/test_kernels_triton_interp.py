@@ -71,6 +71,20 @@ def _elementwise(torch, kernels, ref):
             want = torch.nn.functional.silu(gate_up[:, :n]) * gate_up[:, n:]
             _close(f"gemv_silu_mul {n}x{k} {launch}", gemv_silu_mul(x, w2, **launch), want,
                    2 * tol, 2 * tol)
+    from tpserve.kernels.embedding import vocab_embedding
+    # a rank holding table rows [first, first + 11): ids below, inside and past it, and a
+    # hidden size of two column blocks, the second ragged
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(11, 1300, generator=gen).to(dtype)
+        for first in (0, 11):
+            ids = torch.tensor([[first - 1, first, first + 10], [first + 11, first + 4, 0]])
+            want = torch.zeros(2, 3, 1300, dtype=dtype)
+            for i, j in ((0, 1), (0, 2), (1, 1), (1, 2)):
+                if first <= ids[i, j] < first + 11:
+                    want[i, j] = w[ids[i, j] - first]
+            _close(f"vocab_embedding first={first}", vocab_embedding(ids, w, first), want, 0.0)
+            _close(f"reference vocab_embedding first={first}", ref.vocab_embedding(ids, w, first),
+                   want, 0.0)
 
 
 def _store_both(torch, kernels, ref, p, static):

@@ -3,7 +3,8 @@ with the bias add, residual add and RMSNorm equals NCCL's all-reduce followed by
 those steps, eagerly and replayed from a CUDA graph, on decode-sized messages of
 awkward widths and partial sums of -0.0 (the joined kernel's empty-slot mark),
 over 2 GPUs; and a row-parallel layer whose one-row GEMV sends its partial sums to
-the peer itself, the all-reduce after it only waiting for them."""
+the peer itself, the all-reduce after it only waiting for them; and a decoder
+step's ends, the vocab-parallel embedding and the gathered logits."""
 from __future__ import annotations
 
 import os
@@ -60,7 +61,7 @@ def rank_main(rank: int, world: int, port: int, results: dict) -> None:
         graph.replay()
         errors.append((out - want).abs().max().item())
     results[rank] = (group.one_shot is not None, max(errors), fused_errors(group, device, gen),
-                     sent_errors(group, device, gen))
+                     sent_errors(group, device, gen), vocab_errors(group, device))
     dist.barrier()
     os._exit(0)  # destroy_process_group can wait forever on symmetric-memory teardown
 
@@ -178,6 +179,66 @@ def sent_errors(group, device, gen) -> tuple[bool, float]:
     return all_sent, max(errs)
 
 
+def vocab_errors(group, device) -> tuple[bool, float]:
+    """(every one-id lookup and one-row head sent, largest difference from whole-table
+    references) for a decoder step's ends: the vocab-parallel embedding finished by
+    the joined all-reduce with no residual (half 1), and the LM head's logits
+    gathered (half 0). One, three and no rows, a row of -0.0 in the table, eagerly
+    and as a CUDA graph of one step replayed back to back."""
+    from tpserve.kernels import rms_norm
+    from tpserve.kernels.gemv import linear
+    from tpserve.parallel.linear import ParallelLMHead, VocabParallelEmbedding
+
+    gen = torch.Generator(device).manual_seed(7)  # the same tables on every rank
+    vocab, padded, hidden, world = 32003, 32256, 4096, group.world_size
+    table = torch.randn(padded, hidden, generator=gen, device=device).to(torch.bfloat16)
+    table[5] = -0.0
+    head_w = (torch.randn(padded, hidden, generator=gen, device=device) / 64).to(torch.bfloat16)
+    emb = VocabParallelEmbedding(padded, hidden, torch.bfloat16, group).to(device)
+    emb.weight.copy_(table[emb.start:emb.start + emb.per_rank])
+    head = ParallelLMHead(padded, hidden, vocab, torch.bfloat16, group).to(device)
+    head.weight.copy_(head_w[emb.start:emb.start + emb.per_rank])
+    norm_w = torch.ones(hidden, dtype=torch.bfloat16, device=device) + 0.1
+
+    def step(ids):
+        p = emb.partial(ids, half=1)
+        x, res = group.all_reduce_add_rms_norm(p.sums, None, norm_w, 1e-5, None, p.half, p.sent)
+        return p.sent, x, res, head(x, half=0)
+
+    def errors(ids, x, res, logits):
+        shards = head_w.view(world, -1, hidden)
+        want_logits = torch.cat([linear(x, w) for w in shards], -1)[:, :vocab].float()
+        return [(res.float() - table[ids].float()).abs().max().item(),
+                (x - rms_norm(table[ids], norm_w, 1e-5)).abs().max().item(),
+                (logits - want_logits).abs().max().item()]
+
+    all_sent, errs = True, [0.0]
+    for i in range(12):
+        rows = (1, 3, 0)[i % 3]
+        ids = torch.randint(0, vocab, (rows,), generator=gen, device=device)
+        if i == 3:
+            ids[0] = 5
+        sent, x, res, logits = step(ids)
+        all_sent &= sent == (rows == 1)
+        if logits.shape != (rows, vocab):
+            return False, float("inf")
+        if rows:
+            errs += errors(ids, x, res, logits)
+    ids = torch.tensor([5], device=device)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        step(ids)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, x, res, logits = step(ids)
+    for _ in range(10):
+        ids.copy_(torch.randint(0, vocab, (1,), generator=gen, device=device))
+        graph.replay()
+        errs += errors(ids, x, res, logits)
+    return all_sent, max(errs)
+
+
 def test_one_shot_all_reduce_matches_nccl():
     os.environ.setdefault("TPSERVE_ALLREDUCE", "auto")
     world = 2
@@ -186,7 +247,7 @@ def test_one_shot_all_reduce_matches_nccl():
         mp.spawn(rank_main, args=(world, free_port(), results), nprocs=world)
         results = dict(results)
     for rank in range(world):
-        used, err, fused_err, (all_sent, sent_err) = results[rank]
+        used, err, fused_err, (all_sent, sent_err), (vocab_sent, vocab_err) = results[rank]
         assert used, "the one-shot path was not set up on a 2-GPU machine"
         # both sum two bf16 values in float and round once: they may differ by one ulp
         assert err <= 2 ** -6 * 8, f"rank {rank}: max error {err}"
@@ -194,3 +255,6 @@ def test_one_shot_all_reduce_matches_nccl():
         assert fused_err <= 2 ** -6, f"rank {rank}: joined kernel off by {fused_err}"
         assert all_sent, f"rank {rank}: a one-row GEMV did not send its partial sums"
         assert sent_err <= 2 ** -6, f"rank {rank}: sent partial sums off by {sent_err}"
+        assert vocab_sent, f"rank {rank}: a one-row embedding or LM head did not send its row"
+        # residual and logits exact; the norm as the separate kernel's, within an ulp
+        assert vocab_err <= 2 ** -6, f"rank {rank}: embedding or gathered logits off by {vocab_err}"
