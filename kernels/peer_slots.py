@@ -5,9 +5,10 @@ symmetric buffer of slots, one per (buffer half, source rank, row). An empty
 slot holds -0.0 in every element; a sender writes its 16-bit values with -0.0
 made +0.0, so a receiver knows a slot is full once none of its elements is -0.0.
 
-`send_row` is that sender's side, shared by the all-reduce kernel and by the
-one-row GEMV, which can send its output row itself as it computes it (a
-row-parallel layer at batch 1), so the all-reduce after it only waits and sums.
+`send_row` is that sender's side, shared by the all-reduce and gather kernels
+and by the kernels that can send their output row themselves as they compute it
+(the one-row GEMV of a row-parallel layer or the LM head, the embedding lookup),
+so the kernel after them only waits. `take_row` is the receiver's side.
 """
 from __future__ import annotations
 
@@ -49,3 +50,21 @@ if HAS_TRITON:
                 theirs = tl.multiple_of(tl.load(buffers + peer).to(tl.pointer_type(tl.int16)), 16)
                 tl.store(theirs + offset + cols, bits, mask=mask)
         return bits
+
+    @triton.jit
+    def own_buffer(buffers, rank):
+        """This rank's symmetric buffer, as int16 elements."""
+        return tl.multiple_of(
+            tl.load(buffers.to(tl.pointer_type(tl.uint64)) + rank).to(tl.pointer_type(tl.int16)),
+            16)
+
+    @triton.jit
+    def take_row(slot, mask):
+        """The int16 bits at `slot` (in this rank's own buffer, `own_buffer`) once a peer
+        has filled them (none is -0.0), the slot emptied again for the next call."""
+        # volatile: from memory each time, past the caches an earlier call filled
+        got = tl.load(slot, mask=mask, other=0, volatile=True)
+        while tl.max((got == EMPTY).to(tl.int32), axis=0) != 0:
+            got = tl.load(slot, mask=mask, other=0, volatile=True)
+        tl.store(slot, tl.full(got.shape, EMPTY, tl.int16), mask=mask)
+        return got

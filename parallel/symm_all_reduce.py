@@ -74,7 +74,7 @@ def all_reduce_mode() -> str:
 
 if triton is not None:
     from ..kernels.pdl import start
-    from ..kernels.peer_slots import EMPTY, send_row, wire_bits
+    from ..kernels.peer_slots import own_buffer, send_row, take_row, wire_bits
 
     @triton.jit
     def _all_reduce_add_rms_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
@@ -94,20 +94,13 @@ if triton is not None:
         else:  # this row from this rank: the slot `rank` of the row in every peer's half
             bits = send_row(x, buffers, half_offset + rank * slot_stride + row * hidden, cols,
                             mask, rank, WORLD)
-        mine = tl.multiple_of(
-            tl.load(buffers.to(tl.pointer_type(tl.uint64)) + rank).to(tl.pointer_type(tl.int16)),
-            16)
+        mine = own_buffer(buffers, rank)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for src in tl.static_range(WORLD):
             if src == rank:
                 got = bits
             else:
-                slot = mine + half_offset + src * slot_stride + row * hidden + cols
-                # volatile: from memory each time, past the caches an earlier call filled
-                got = tl.load(slot, mask=mask, other=0, volatile=True)
-                while tl.max((got == EMPTY).to(tl.int32), axis=0) != 0:
-                    got = tl.load(slot, mask=mask, other=0, volatile=True)
-                tl.store(slot, tl.full([BLOCK], EMPTY, tl.int16), mask=mask)
+                got = take_row(mine + half_offset + src * slot_stride + row * hidden + cols, mask)
             acc += got.to(dtype, bitcast=True).to(tl.float32)
         # from here as kernels/rmsnorm.py: the sum, the bias add and the residual add, each
         # rounded to the activation dtype as the unfused all-reduce and adds are
@@ -145,18 +138,12 @@ if triton is not None:
         else:
             bits = send_row(x, buffers, half_offset + rank * slot_stride + row * cols, c, mask,
                             rank, WORLD)
-        mine = tl.multiple_of(
-            tl.load(buffers.to(tl.pointer_type(tl.uint64)) + rank).to(tl.pointer_type(tl.int16)),
-            16)
+        mine = own_buffer(buffers, rank)
         for src in tl.static_range(WORLD):
             if src == rank:
                 got = bits
             else:
-                slot = mine + half_offset + src * slot_stride + row * cols + c
-                got = tl.load(slot, mask=mask, other=0, volatile=True)
-                while tl.max((got == EMPTY).to(tl.int32), axis=0) != 0:
-                    got = tl.load(slot, mask=mask, other=0, volatile=True)
-                tl.store(slot, tl.full([BLOCK], EMPTY, tl.int16), mask=mask)
+                got = take_row(mine + half_offset + src * slot_stride + row * cols + c, mask)
             dst = src * cols + c
             tl.store(out_ptr + row * stride_o + dst, got.to(dtype, bitcast=True).to(tl.float32),
                      mask=mask & (dst < vocab))
