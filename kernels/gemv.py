@@ -133,7 +133,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = LAUNCH["block_n"],
     if x.dim() != 2 or w.dim() != 2 or x.shape[0] != 1 or x.shape[1] != w.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} must be one row as long as the rows of "
                          f"w {tuple(w.shape)}")
-    if send is not None and not (x.is_cuda and x.element_size() == 2 and use_triton(x)):
+    if send is not None and not (x.element_size() == 2 and use_triton(x)):
         raise ValueError("gemv: only 16-bit rows on a GPU can be sent to other ranks")
     if not use_triton(x):
         return (x.float() @ w.float().T).to(x.dtype)

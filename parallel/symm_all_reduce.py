@@ -222,8 +222,7 @@ class SymmAllReduce:
                 and x.dtype == self.dtype and x.stride(-1) == 1 and x.numel() <= self.slot_numel)
 
     def fits_gather(self, x: torch.Tensor) -> bool:
-        return (self.join_norm and x.dim() == 2 and 1 <= x.shape[0] <= MAX_FUSED_ROWS
-                and x.dtype == self.dtype and x.stride(-1) == 1 and x.numel() <= self.slot_numel)
+        return self.fits_fused(x) and x.shape[0] >= 1
 
     def gather(self, x: torch.Tensor, vocab_size: int, half: int, sent: bool = False,
                ) -> torch.Tensor:

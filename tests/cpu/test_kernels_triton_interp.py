@@ -5,6 +5,8 @@ group runs this file as a script in a fresh subprocess with
 TRITON_INTERPRET=1 and TPSERVE_FORCE_TRITON=1; the test checks its exit code.
 Shapes are tiny and awkward: odd token counts, GQA ratios 1/2/4, contexts that
 end mid-block, cached prefixes, sliding windows, int8 KV, several AWQ groups.
+The kernels that write into other GPUs' memory run here over host buffers whose
+addresses stand in for the peers', one rank after the other, senders first.
 """
 
 import os
@@ -15,7 +17,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-GROUPS = ["elementwise", "kv_cache", "decode", "prefill", "w4a16"]
+GROUPS = ["elementwise", "kv_cache", "decode", "prefill", "w4a16", "slots"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -249,13 +251,60 @@ def _w4a16(torch, kernels, ref):
                 _close(f"w4a16_gemm joined m={m} k={k} np={block_np}", got, want, 2e-3, 2e-3)
 
 
+def _slots(torch, kernels, ref):
+    from tpserve.kernels.embedding import vocab_embedding
+    from tpserve.kernels.gemv import gemv
+    from tpserve.kernels.peer_slots import SendTarget
+    from tpserve.parallel import symm_all_reduce as sar
+
+    gen = torch.Generator().manual_seed(3)
+    # a decoder step's ends over 2 ranks, each one row: the embedding lookup and the LM
+    # head's GEMV send their rows, then the joined all-reduce (no residual) and the
+    # gather only take the peer's; slots of 2 halves x 2 ranks x 2000 elements
+    world, slot, vocab, per_rank, hidden = 2, 2000, 37, 19, 24
+    dtype = torch.bfloat16
+    bufs = [torch.full((2 * world * slot,), -32768, dtype=torch.int16) for _ in range(world)]
+    table_of_bufs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    ptrs = table_of_bufs.data_ptr()
+    table = torch.randn(world * per_rank, hidden, generator=gen).to(dtype)
+    table[4] = -0.0
+    head = torch.randn(world * per_rank, hidden, generator=gen).to(dtype)
+    norm_w = torch.rand(hidden, generator=gen).to(dtype) + 0.5
+    for token in (4, 30):
+        tid = torch.tensor([token])
+        rows = [vocab_embedding(tid, table[r * per_rank:(r + 1) * per_rank], r * per_rank,
+                                SendTarget(ptrs, 1 * world * slot + r * slot, r, world))
+                for r in range(world)]
+        outs = []
+        for r in range(world):
+            out, res = torch.empty(1, hidden, dtype=dtype), torch.empty(1, hidden, dtype=dtype)
+            sar._all_reduce_add_rms_norm_kernel[(1,)](
+                rows[r], rows[r], rows[r], norm_w, out, res, ptrs, world * slot, slot, r,
+                hidden, hidden, hidden, hidden, hidden, 1e-5, WORLD=world, HAS_BIAS=False,
+                HAS_RESIDUAL=False, SENT=True, BLOCK=32)
+            outs.append(out)
+            _close(f"embedding row {token} rank {r}", res, table[token:token + 1], 0.0)
+            _close(f"embedding norm {token} rank {r}", out,
+                   ref.rms_norm(table[token:token + 1], norm_w, 1e-5), 1e-2, 2e-2)
+        logits = [gemv(outs[r], head[r * per_rank:(r + 1) * per_rank],
+                       send=SendTarget(ptrs, r * slot, r, world)) for r in range(world)]
+        want = torch.cat(logits, -1)[:, :vocab].float()
+        for r in range(world):
+            got = torch.empty(1, vocab)
+            sar._all_gather_kernel[(1, 2)](logits[r], got, ptrs, 0, slot, r, per_rank, vocab,
+                                           per_rank, vocab, WORLD=world, SENT=True, BLOCK=16)
+            _close(f"gathered logits {token} rank {r}", got, want, 0.0)
+    if not all(bool((b == -32768).all()) for b in bufs):
+        raise AssertionError("a slot was left full")
+
+
 def _main(group):
     import torch
 
     import tpserve.kernels as kernels
     from tpserve.kernels import reference as ref
     run = {"elementwise": _elementwise, "kv_cache": _kv_cache, "w4a16": _w4a16,
-           "decode": lambda *a: _attention(*a, ATTN_CASES),
+           "slots": _slots, "decode": lambda *a: _attention(*a, ATTN_CASES),
            "prefill": lambda *a: _attention(*a, PREFILL_CASES)}[group]
     torch.manual_seed(0)
     run(torch, kernels, ref)
