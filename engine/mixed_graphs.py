@@ -78,9 +78,12 @@ class MixedGraphs:
             self.residual[:size].copy_(residual)
 
     def _pieces(self, size: int) -> None:
-        """Every piece in turn, without attention between them (capture's warm-up)."""
+        """Every piece in turn, without attention between them (capture's warm-up), and
+        the logits of no rows after them, as a step of prompt chunks that end no prompt
+        computes: with several ranks that ends the forward as decoder.py requires."""
         for i in range(self.model.num_pieces):
             self._piece(i, size)
+        self.model.compute_logits(self.hidden[:0])
 
     def _capture(self, device: torch.device) -> None:
         start = time.perf_counter()

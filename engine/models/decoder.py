@@ -112,7 +112,9 @@ def reduce_add_norm(group: TPGroup, partial: PartialSums, residual, norm: RMSNor
     """A row-parallel layer's all-reduce with the bias add, residual add (none for the
     embedding) and norm after it. The calls of a forward alternate the all-reduce
     buffer halves: 1 for the embedding, 0 after attention, 1 after the MLP, and 0 for
-    the logits' gather (`compute_logits`), so the next forward's embedding takes 1."""
+    the logits' gather (`compute_logits`), so the next forward's embedding takes 1.
+    So every forward must end with `compute_logits`, of no rows if it wants none
+    (which meets the ranks instead, see parallel/comm.py)."""
     return group.all_reduce_add_rms_norm(partial.sums, residual, norm.weight, norm.eps,
                                          partial.bias, partial.half, partial.sent)
 
