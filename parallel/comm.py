@@ -120,8 +120,9 @@ class DistGroup:
         if sent or (self.one_shot is not None and self.one_shot.fits_gather(x)):
             return self.one_shot.gather(x, vocab_size, half, sent)
         if self.one_shot is not None and x.shape[0] == 0:
-            # NCCL skips an empty gather, but the one-shot calls' halves need the ranks to
-            # meet between the last all-reduce of a step and the first of the next
+            # an empty gather need not meet the ranks (NCCL may skip it), but the one-shot
+            # calls' halves need them to meet between the last all-reduce of a step and
+            # the first of the next
             dist.all_reduce(torch.zeros(1, device=x.device), group=self.group)
         return self.all_gather(x, dim=-1)[..., :vocab_size].float()
 
