@@ -27,48 +27,54 @@ if HAS_TRITON:
     from .pdl import start
 
     @triton.jit
-    def _rotate_heads(x_ptr, out_ptr, tok, stride_t, stride_h, stride_ot, stride_oh,
-                      num_heads, cos, sin, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                      HEADS: tl.constexpr):
-        heads = tl.arange(0, HEADS)
-        cols = tl.arange(0, HALF_PAD)
-        mask = (heads[:, None] < num_heads) & (cols[None, :] < HALF)
-        src = x_ptr + tok * stride_t + heads[:, None] * stride_h + cols[None, :]
-        dst = out_ptr + tok * stride_ot + heads[:, None] * stride_oh + cols[None, :]
-        x1 = tl.load(src, mask=mask, other=0.0)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0)
-        a = x1.to(tl.float32)
-        b = x2.to(tl.float32)
-        tl.store(dst, (a * cos - b * sin).to(x1.dtype), mask=mask)
-        tl.store(dst + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
-
-    @triton.jit
-    def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr,
-                       sq_t, sq_h, sk_t, sk_h, sqo_t, sqo_h, sko_t, sko_h, stride_c,
-                       num_q, num_kv, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                       Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr):
-        tok = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + tok).to(tl.int64)
-        cols = tl.arange(0, HALF_PAD)
-        cmask = cols < HALF
-        cos = tl.load(cache_ptr + pos * stride_c + cols, mask=cmask, other=0.0)[None, :]
-        sin = tl.load(cache_ptr + pos * stride_c + HALF + cols, mask=cmask, other=0.0)[None, :]
-        _rotate_heads(q_ptr, qo_ptr, tok, sq_t, sq_h, sqo_t, sqo_h, num_q, cos, sin,
-                      HALF, HALF_PAD, Q_HEADS)
-        _rotate_heads(k_ptr, ko_ptr, tok, sk_t, sk_h, sko_t, sko_h, num_kv, cos, sin,
-                      HALF, HALF_PAD, KV_HEADS)
+    def _angles(cos_sin_ptr, pos, stride_c, HALF: tl.constexpr, D_PAD: tl.constexpr):
+        """(cols, cos, sin, partner) of position `pos` over a head's D_PAD columns: the
+        pair of column c is `partner`, and its sin is negated on the first half."""
+        cols = tl.arange(0, D_PAD)
+        first = cols < HALF
+        freq = tl.where(first, cols, cols - HALF)
+        cmask = cols < 2 * HALF
+        cos = tl.load(cos_sin_ptr + pos * stride_c + freq, mask=cmask, other=0.0)
+        sin = tl.load(cos_sin_ptr + pos * stride_c + HALF + freq, mask=cmask, other=0.0)
+        sin = tl.where(first, -sin, sin)
+        partner = tl.where(first, cols + HALF, cols - HALF)
+        return cols, cos, sin, partner
 
     @triton.jit
     def _rotated(x_ptr, tok, stride_t, stride_h, num_heads, cos, sin, cols, partner,
                  HEADS: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
         """One token's heads [HEADS, D_PAD] rotated, float32: x * cos + x[partner] * sin
-        with sin negated on the first half (the pairs of `_rotate_heads`)."""
+        (`_angles`)."""
         heads = tl.arange(0, HEADS)
         mask = (heads[:, None] < num_heads) & (cols[None, :] < HEAD_DIM)
         rows = x_ptr + tok * stride_t + heads[:, None] * stride_h
         x = tl.load(rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         other = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
         return x * cos[None, :] + other * sin[None, :]
+
+    @triton.jit
+    def _write_heads(x, out_ptr, tok, stride_t, stride_h, num_heads, cols,
+                     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """One token's heads x [HEADS, D_PAD] into out, in out's dtype."""
+        heads = tl.arange(0, HEADS)
+        tl.store(out_ptr + tok * stride_t + heads[:, None] * stride_h + cols[None, :],
+                 x.to(out_ptr.dtype.element_ty),
+                 mask=(heads[:, None] < num_heads) & (cols[None, :] < HEAD_DIM))
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr,
+                       sq_t, sq_h, sk_t, sk_h, sqo_t, sqo_h, sko_t, sko_h, stride_c,
+                       num_q, num_kv, HALF: tl.constexpr, D_PAD: tl.constexpr,
+                       Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr):
+        tok = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        cols, cos, sin, partner = _angles(cache_ptr, pos, stride_c, HALF, D_PAD)
+        q = _rotated(q_ptr, tok, sq_t, sq_h, num_q, cos, sin, cols, partner, Q_HEADS, D_PAD,
+                     2 * HALF)
+        _write_heads(q, qo_ptr, tok, sqo_t, sqo_h, num_q, cols, Q_HEADS, 2 * HALF)
+        k = _rotated(k_ptr, tok, sk_t, sk_h, num_kv, cos, sin, cols, partner, KV_HEADS, D_PAD,
+                     2 * HALF)
+        _write_heads(k, ko_ptr, tok, sko_t, sko_h, num_kv, cols, KV_HEADS, 2 * HALF)
 
     @triton.jit
     def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, pos_ptr, cos_sin_ptr,
@@ -83,25 +89,15 @@ if HAS_TRITON:
         start()  # kernels/pdl.py
         tok = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + tok).to(tl.int64)
-        cols = tl.arange(0, D_PAD)
-        first = cols < HALF
-        freq = tl.where(first, cols, cols - HALF)
-        cmask = cols < 2 * HALF
-        cos = tl.load(cos_sin_ptr + pos * stride_c + freq, mask=cmask, other=0.0)
-        sin = tl.load(cos_sin_ptr + pos * stride_c + HALF + freq, mask=cmask, other=0.0)
-        sin = tl.where(first, -sin, sin)
-        partner = tl.where(first, cols + HALF, cols - HALF)
+        cols, cos, sin, partner = _angles(cos_sin_ptr, pos, stride_c, HALF, D_PAD)
         q = _rotated(q_ptr, tok, sq_t, sq_h, num_q, cos, sin, cols, partner, Q_HEADS, D_PAD,
                      2 * HALF)
-        heads = tl.arange(0, Q_HEADS)
-        tl.store(qo_ptr + tok * sqo_t + heads[:, None] * sqo_h + cols[None, :],
-                 q.to(qo_ptr.dtype.element_ty),
-                 mask=(heads[:, None] < num_q) & cmask[None, :])
+        _write_heads(q, qo_ptr, tok, sqo_t, sqo_h, num_q, cols, Q_HEADS, 2 * HALF)
         slot = tl.load(slot_ptr + tok).to(tl.int64)
         if slot >= 0:  # -1: a padding token, nothing cached
             k = _rotated(k_ptr, tok, sk_t, sk_h, num_kv, cos, sin, cols, partner, KV_HEADS,
                          D_PAD, 2 * HALF)
-            # rounded to the activation dtype, as the keys stored after apply_rotary are
+            # rounded to the activation dtype, as the keys apply_rotary returns are
             k = k.to(k_ptr.dtype.element_ty).to(tl.float32)
             _store_values(k, kc_ptr, ks_ptr, slot, scs, sch, ssb, sss, ssh, block_size,
                           num_kv, 2 * HALF, k_scale, k_zp, QUANT, STATIC, WRITE_SCALES,
@@ -137,7 +133,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
             q, k, q_out, k_out, positions.contiguous(), cache,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-            cache.stride(0), q.shape[1], k.shape[1], HALF=half, HALF_PAD=next_pow2(half),
+            cache.stride(0), q.shape[1], k.shape[1], HALF=half, D_PAD=next_pow2(2 * half),
             Q_HEADS=next_pow2(q.shape[1]), KV_HEADS=next_pow2(k.shape[1]), num_warps=4)
     return q_out, k_out
 
