@@ -41,7 +41,6 @@ all-reduce then only waits for the peers' rows.
 
 from __future__ import annotations
 
-
 import torch
 
 from ._dispatch import HAS_TRITON, cdiv, use_triton

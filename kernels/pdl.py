@@ -22,9 +22,9 @@ from .switches import env_choice
 
 
 def _enabled_from_env() -> bool:
-    if env_choice("TPSERVE_PDL", ("0", "1"), "1") == "0" or not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1":
+    if env_choice("TPSERVE_PDL", ("0", "1"), "1") == "0" or not HAS_TRITON:
         return False
-    if not torch.cuda.is_available():
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         return False
     import triton.language as tl
     return (hasattr(tl.extra.cuda, "gdc_wait")

@@ -263,11 +263,6 @@ class VocabParallelEmbedding(nn.Module):
         rows = vocab_embedding(ids, self.weight, self.start, send)
         return PartialSums(rows, None, half, send is not None)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.group.world_size == 1:
-            return torch.nn.functional.embedding(ids, self.weight)
-        return self.group.all_reduce(vocab_embedding(ids, self.weight, self.start))
-
 
 class ParallelLMHead(nn.Module):
     """This rank's vocab rows of the output projection; logits are gathered whole

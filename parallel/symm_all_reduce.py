@@ -244,9 +244,9 @@ class SymmAllReduce:
         return out
 
     def send_target(self, hidden: int, dtype: torch.dtype, half: int) -> SendTarget | None:
-        """Where the kernel that computes one row of `hidden` partial sums may send them
-        itself (kernels/peer_slots.py), for `add_rms_norm(..., half, sent=True)`; None
-        where add_rms_norm would not take such a row."""
+        """Where the kernel that computes one row of `hidden` values may send them itself
+        (kernels/peer_slots.py), for `add_rms_norm` or `gather` with `half` and
+        sent=True; None where those would not take such a row."""
         if not self.join_norm or dtype != self.dtype or hidden > self.slot_numel:
             return None
         h = self.handle
@@ -262,9 +262,9 @@ class SymmAllReduce:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(h) * weight, h) for h = (sum over ranks of `x`) + bias + residual, of
         [rows, hidden] partial sums `x` (see fits_fused), in one kernel; residual None:
-        no add. `half`, 0 or 1,
-        must differ from the previous call's (see the module's docstring). sent: x is
-        one row that the kernel computing it has sent already (`send_target`)."""
+        no add. `half`, 0 or 1, must differ from the previous call's (see the module's
+        docstring). sent: x is one row that the kernel computing it has sent already
+        (`send_target`)."""
         rows, hidden = x.shape
         if sent and rows != 1:
             raise ValueError(f"add_rms_norm: sent partial sums are one row, not {rows}")
