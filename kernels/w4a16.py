@@ -5,9 +5,10 @@ Layout (as AutoAWQ writes it, and public AWQ checkpoints ship it):
 nibble i of packed column c is output column ``c*8 + (0,2,4,6,1,3,5,7)[i]``
 and ``w = (q - z) * s``. No repacking is needed.
 
-A tensor-core GEMM that dequantizes each nibble's columns to the activation
-dtype and multiplies them separately (up to 16 rows), or that spreads each
-packed word over its 8 columns and runs one wide dot (more rows). When K is
+A tensor-core GEMM that multiplies each nibble's columns separately (up to 16
+rows), taking the codes themselves as 16-bit floats ``OFFSET + q`` and applying
+zero point and scale to the product, or that spreads each packed word over its 8
+columns, dequantizes them and runs one wide dot (more rows). When K is
 split, float32 partial sums are added up in a fixed order by a small kernel
 (deterministic results).
 (Batches of up to 4 rows in bf16 go to PyTorch's int4 matmul instead, see
@@ -17,7 +18,7 @@ int4_tinygemm.py: none of the Triton GEMVs tried here beat about 1 TB/s of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -144,6 +145,59 @@ if HAS_TRITON:
         tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
     @triton.jit
+    def _nibble_codes_mma(acc, x, xsum, packed, zeros, s_row_ptr, cp, cmask,
+                          NIBBLE: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr):
+        """acc += x @ W_nibble as `_nibble_mma`, multiplying the codes themselves: OR-ing
+        q into the mantissa of OFFSET (MAGIC: its 16-bit pattern, 128 in bf16 or 1024
+        in fp16) makes the 16-bit value OFFSET + q exactly, and the zero point, the
+        offset and the scale are applied to the [BLOCK_M, BLOCK_NP] product instead of
+        to every weight: ``x . ((q - z) s) = s (x . (OFFSET + q) - (OFFSET + z) sum(x))``
+        within a group (xsum: x's rows summed over this K step)."""
+        q = (((packed >> (4 * NIBBLE)) & 0xF) | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)
+        t = tl.dot(x, q)
+        z = ((zeros >> (4 * NIBBLE)) & 0xF).to(tl.float32) + OFFSET
+        col = cp * 8 + ((NIBBLE % 4) * 2 + NIBBLE // 4)
+        s = tl.load(s_row_ptr + col, mask=cmask, other=0.0).to(tl.float32)
+        return acc + (t - xsum[:, None] * z[None, :]) * s[None, :]
+
+    @triton.jit
+    def _gemm_codes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, n_packed,
+                           iters_per_split, num_iters, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm,
+                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NP: tl.constexpr,
+                           BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr):
+        """`_gemm_kernel` with `_nibble_codes_mma`: fewer instructions a weight (a shift,
+        a mask and the 16-bit pattern, no float arithmetic). BLOCK_K divides the group."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cp = tl.program_id(1) * BLOCK_NP + tl.arange(0, BLOCK_NP)
+        split = tl.program_id(2)
+        mmask = offs_m < M
+        cmask = cp < n_packed
+        rk = tl.arange(0, BLOCK_K)
+        a0 = tl.zeros([BLOCK_M, BLOCK_NP], tl.float32)
+        a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+        it_begin = split * iters_per_split
+        it_end = tl.minimum(it_begin + iters_per_split, num_iters)
+        for it in range(it_begin, it_end):
+            x, p, g = _load_k_step(x_ptr, qw_ptr, it, rk, offs_m, mmask, cp, cmask, s_xm,
+                                   s_qk, BLOCK_K, GROUP)
+            # the rows' sums by the tensor cores too (every column of the product is the
+            # same sum, so the max picks it exactly), not by shuffles across threads
+            xsum = tl.max(tl.dot(x, tl.full([BLOCK_K, 16], 1.0, x.dtype)), axis=1)
+            zq = tl.load(z_ptr + g * s_zk + cp, mask=cmask, other=0)
+            srow = s_ptr + g * s_sk
+            a0 = _nibble_codes_mma(a0, x, xsum, p, zq, srow, cp, cmask, 0, MAGIC, OFFSET)
+            a1 = _nibble_codes_mma(a1, x, xsum, p, zq, srow, cp, cmask, 1, MAGIC, OFFSET)
+            a2 = _nibble_codes_mma(a2, x, xsum, p, zq, srow, cp, cmask, 2, MAGIC, OFFSET)
+            a3 = _nibble_codes_mma(a3, x, xsum, p, zq, srow, cp, cmask, 3, MAGIC, OFFSET)
+            a4 = _nibble_codes_mma(a4, x, xsum, p, zq, srow, cp, cmask, 4, MAGIC, OFFSET)
+            a5 = _nibble_codes_mma(a5, x, xsum, p, zq, srow, cp, cmask, 5, MAGIC, OFFSET)
+            a6 = _nibble_codes_mma(a6, x, xsum, p, zq, srow, cp, cmask, 6, MAGIC, OFFSET)
+            a7 = _nibble_codes_mma(a7, x, xsum, p, zq, srow, cp, cmask, 7, MAGIC, OFFSET)
+        out = part_ptr + split * s_ps + offs_m[:, None] * s_pm + cp[None, :] * 8
+        mask = mmask[:, None] & cmask[None, :]
+        _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, mask)
+
+    @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, splits, numel, s_ps, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -176,6 +230,13 @@ def _splits(units: int, programs: int, want_programs: int) -> tuple[int, int]:
     return cdiv(units, per), per
 
 
+KINDS = ("nibbles", "joined", "codes")
+# the 16-bit pattern of OFFSET = 2^7 (bf16) or 2^10 (fp16): OR-ing a code q < 16 into
+# its mantissa makes the value OFFSET + q exactly
+_CODE_MAGIC = {torch.bfloat16: 0x4300, torch.float16: 0x6400}
+_CODE_OFFSET = {torch.bfloat16: 128.0, torch.float16: 1024.0}
+
+
 @dataclass(frozen=True)
 class GemmLaunch:
     """The tensor-core kernel's tile (rows, packed columns of 8, K) and launch."""
@@ -184,34 +245,53 @@ class GemmLaunch:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    joined: bool = False  # one [block_k, 8 * block_np] weight tile a step (_gemm_joined_kernel)
+    # "nibbles": eight narrow dots a step (_gemm_kernel); "joined": one [block_k,
+    # 8 * block_np] tile of dequantized weights (_gemm_joined_kernel); "codes": eight
+    # narrow dots of the codes, scaled after the dot (_gemm_codes_kernel)
+    kind: str = "nibbles"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"GemmLaunch: kind must be one of {sorted(KINDS)}, not "
+                             f"{self.kind!r}")
 
 
 def gemm_launch(m: int, group_size: int, cuda: bool) -> GemmLaunch:
-    """The launch for M rows (scripts/tune_kernels.py times the alternatives). One H200,
-    Llama-3-8B MLP shapes: eight narrow dots a step are fastest up to 16 rows; at 64
-    the joined tile takes 52 us against 86-90 us."""
+    """The launch for M rows (scripts/tune_kernels.py times the alternatives). Llama-3-8B
+    MLP shapes, weights read from memory: up to 16 rows the eight narrow dots of the
+    codes are fastest (one H100: 30 us at 8 rows against 35-36 us for the dequantized
+    nibbles and 47-49 us for bf16 cuBLAS); at 32 and 64 the joined tile (one H200: 52
+    us at 64 rows against 86-90 us)."""
     block_k = min(group_size, 128 if cuda else 32)
     if m <= 16:
-        return GemmLaunch(16, 32, block_k)
-    return GemmLaunch(32 if m <= 32 else 64, 8, block_k, joined=True)
+        return GemmLaunch(16, 32, block_k, num_warps=4, num_stages=2, kind="codes")
+    return GemmLaunch(32 if m <= 32 else 64, 8, block_k, kind="joined")
 
 
 def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None = None):
     (m, k), n_packed = x.shape, qweight.shape[1]
     launch = launch or gemm_launch(m, group_size, x.is_cuda)
+    if launch.kind == "codes" and x.dtype not in _CODE_MAGIC:
+        launch = replace(launch, kind="nibbles")  # the codes are 16-bit floats
     block_m, block_np, block_k = launch.block_m, launch.block_np, launch.block_k
     tiles = cdiv(m, block_m) * cdiv(n_packed, block_np)
     sms = num_sms(x)
     # split K only when the output tiles alone leave SMs idle (partials cost traffic)
     splits, per = (1, k // block_k) if 2 * tiles >= sms else _splits(k // block_k, tiles, 2 * sms)
     part = _partials(splits, out)
-    kernel, width = (_gemm_joined_kernel, n_packed * 8) if launch.joined else (_gemm_kernel, n_packed)
+    extra = {}
+    if launch.kind == "joined":
+        kernel, width = _gemm_joined_kernel, n_packed * 8
+    elif launch.kind == "codes":
+        kernel, width = _gemm_codes_kernel, n_packed
+        extra = dict(MAGIC=_CODE_MAGIC[x.dtype], OFFSET=_CODE_OFFSET[x.dtype])
+    else:
+        kernel, width = _gemm_kernel, n_packed
     kernel[(cdiv(m, block_m), cdiv(n_packed, block_np), splits)](
         x, qweight, scales, qzeros, part, m, width, per, k // block_k, x.stride(0),
         qweight.stride(0), scales.stride(0), qzeros.stride(0), part.stride(0),
         part.stride(1), GROUP=group_size, BLOCK_M=block_m, BLOCK_NP=block_np,
-        BLOCK_K=block_k, num_warps=launch.num_warps, num_stages=launch.num_stages)
+        BLOCK_K=block_k, num_warps=launch.num_warps, num_stages=launch.num_stages, **extra)
     return part
 
 

@@ -17,7 +17,9 @@
 #        serving    bench_serving.py through the Ray Serve app vs the in-process engine
 #        ab         batch-1 decode (tp=1, and tp=2 where there are 2 GPUs) of the tree in
 #                   .ab_base/ (scripts/ab_base.sh REV) against this checkout, interleaved,
-#                   $AB_ROUNDS rounds (default 2); carry .ab_base/ to the GPU machine
+#                   $AB_ROUNDS rounds (default 2); carry .ab_base/ to the GPU machine.
+#                   AB_BATCHES="1 8 16": other batch sizes; AB_WEIGHTS=awq: the 4-bit
+#                   workspace (tp=1)
 #        clean      remove the random workspaces ($BENCH_DIR, default /tmp/tpserve-bench)
 #
 # Logs go to $OUT (or ./gpu_logs). A machine without network can get Ray from a
@@ -151,16 +153,21 @@ for part in "${parts[@]}"; do
     mkdir -p /tmp/tpserve-ab/base /tmp/tpserve-ab/new
     ln -sfn "$PWD/.ab_base" /tmp/tpserve-ab/base/tpserve
     ln -sfn "$PWD" /tmp/tpserve-ab/new/tpserve
-    ws1=$(workspace l3 --shape llama3-8b)
-    [ "$gpus" -ge 2 ] && ws2=$(workspace l3tp2 --shape llama3-8b --tp 2)
+    # AB_WEIGHTS=awq: the random 4-bit workspace instead (tp=1 only)
+    if [ "${AB_WEIGHTS:-bf16}" = awq ]; then
+      ws1=$(workspace l3awq --shape llama3-8b --awq-group 128); tps="1"; extra="--awq-group 128"
+    else
+      ws1=$(workspace l3 --shape llama3-8b); tps="1 2"; extra=""
+      [ "$gpus" -ge 2 ] && ws2=$(workspace l3tp2 --shape llama3-8b --tp 2)
+    fi
     for i in $(seq "${AB_ROUNDS:-2}"); do
       for tree in base new; do
-        for tp in 1 2; do
+        for tp in $tps; do
           [ $tp -eq 1 ] && ws=$ws1 || { [ "$gpus" -ge 2 ] || continue; ws=$ws2; }
           PYTHONPATH=/tmp/tpserve-ab/$tree:$PYTHONPATH timeout -k 10 400 python3 \
-            scripts/bench_latency.py --workspace "$ws" --tp $tp --batch 1 --out-len 128 \
-            --label "$tree tp=$tp" --no-baseline --json "$out/ab_${tree}_tp${tp}_$i.json" \
-            2>&1 | tail -1
+            scripts/bench_latency.py --workspace "$ws" $extra --tp $tp \
+            --batch ${AB_BATCHES:-1} --out-len 128 --label "$tree tp=$tp" --no-baseline \
+            --json "$out/ab_${tree}_tp${tp}_$i.json" 2>&1 | tail -"$(echo ${AB_BATCHES:-1} | wc -w)"
         done
       done
     done;;

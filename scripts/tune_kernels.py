@@ -137,8 +137,8 @@ def tune_w4a16(quick: bool) -> list:
 
             block_ms = (16,) if m <= 16 else (32, 64)
             grid = itertools.product(block_ms, (8, 16, 32, 64), (128,),
-                                     (4,) if quick else (4, 8), (3, 4), (False, True))
-            configs = [w4a16.GemmLaunch(*c) for c in grid]  # last field: the joined tile
+                                     (4,) if quick else (4, 8), (3, 4), w4a16.KINDS)
+            configs = [w4a16.GemmLaunch(*c) for c in grid]  # last field: the kind of tile
             rows.append(sweep(f"w4a16 M={m} K={k} N={n}", configs, run,
                               w4a16.gemm_launch(m, 128, True)))
     return rows

@@ -133,14 +133,22 @@ def test_decode_mha_int8_other_head_dims(head_dim, static):
         _close(got, want, 1e-2, 2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 2, 16, 64])
 @pytest.mark.parametrize("k,n", [(4096, 14336), (14336, 4096)])
-def test_w4a16_gemm(k, n, m):
-    qweight, scales, qzeros = random_awq(k, n, 128, **BF16)
-    x = torch.randn(m, k, **BF16)
+def test_w4a16_gemm(k, n, m, dtype):
+    """Every kind of tile (the default for m, and the others) at both 16-bit dtypes."""
+    from tpserve.kernels.w4a16 import KINDS, GemmLaunch, gemm_launch
+    qweight, scales, qzeros = random_awq(k, n, 128, dtype=dtype, device="cuda")
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
     want = ref.w4a16_gemm(x, qweight, scales, qzeros, 128)
-    got = kernels.w4a16_gemm(x, qweight, scales, qzeros, 128)
-    _close(got, want, 1e-2 * want.float().abs().max().item(), 1e-2)
+    tol = 1e-2 * want.float().abs().max().item()
+    _close(kernels.w4a16_gemm(x, qweight, scales, qzeros, 128), want, tol, 1e-2)
+    default = gemm_launch(m, 128, True)
+    for kind in KINDS:
+        launch = GemmLaunch(default.block_m, 8, 128, kind=kind)
+        got = kernels.w4a16_gemm(x, qweight, scales, qzeros, 128, launch=launch)
+        _close(got, want, tol, 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
