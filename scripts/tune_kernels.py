@@ -34,6 +34,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_kernels  # noqa: E402
 from bench_kernels import paged_cache  # noqa: E402
 
 from tpserve.kernels import attention_decode, w4a16  # noqa: E402
@@ -45,11 +46,7 @@ BF16 = dict(dtype=torch.bfloat16, device="cuda")
 
 def bench(fn) -> float:
     """Median microseconds, replayed from a CUDA graph (no launch overhead)."""
-    fn()
-    # do_bench_cudagraph runs fn on a stream of its own, which does not wait for the
-    # inputs made on this one: without this, it may read a block table not yet written
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+    return bench_kernels.bench(fn) * 1e3
 
 
 def sweep(name: str, configs, run, default) -> tuple[str, float, object, float]:
@@ -137,7 +134,7 @@ def tune_w4a16(quick: bool) -> list:
 
             block_ms = (16,) if m <= 16 else (32, 64)
             grid = itertools.product(block_ms, (8, 16, 32, 64), (128,),
-                                     (4,) if quick else (4, 8), (3, 4), w4a16.KINDS)
+                                     (4,) if quick else (4, 8), (2, 3, 4), w4a16.KINDS)
             configs = [w4a16.GemmLaunch(*c) for c in grid]  # last field: the kind of tile
             rows.append(sweep(f"w4a16 M={m} K={k} N={n}", configs, run,
                               w4a16.gemm_launch(m, 128, True)))
