@@ -47,16 +47,30 @@ if HAS_TRITON:
         tl.store(out + 7, a7.to(dt), mask=mask)
 
     @triton.jit
-    def _nibble_mma(acc, x, packed, zeros, s_row_ptr, cp, cmask, NIBBLE: tl.constexpr):
+    def _nibble_mma(acc, x, xsum, packed, zeros, s_row_ptr, cp, cmask, NIBBLE: tl.constexpr,
+                    MAGIC: tl.constexpr, OFFSET: tl.constexpr):
         """acc += x @ W_nibble, W_nibble = (q - z) * s for the columns of one nibble.
+        Working per nibble keeps the packed words in place (no interleaving into a
+        [K, N] tile).
 
+        MAGIC > 0 multiplies the codes themselves: OR-ing q into the mantissa of
+        OFFSET (MAGIC: its 16-bit pattern, 128 in bf16 or 1024 in fp16) makes the
+        16-bit value OFFSET + q exactly, and the zero point, the offset and the scale
+        are applied to the [BLOCK_M, BLOCK_NP] product instead of to every weight:
+        ``x . ((q - z) s) = s (x . (OFFSET + q) - (OFFSET + z) sum(x))`` within a group
+        (xsum: x's rows summed over this K step). MAGIC == 0 dequantizes every weight:
         ``0x4B000000 | q`` is the float 2^23 + q, so the difference is exactly q - z
-        without an int->float conversion. Working per nibble keeps the packed
-        words in place (no interleaving into a [K, N] tile).
+        without an int->float conversion.
         """
+        col = cp * 8 + ((NIBBLE % 4) * 2 + NIBBLE // 4)
+        if MAGIC > 0:
+            q = (((packed >> (4 * NIBBLE)) & 0xF) | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)
+            t = tl.dot(x, q)
+            z = ((zeros >> (4 * NIBBLE)) & 0xF).to(tl.float32) + OFFSET
+            s = tl.load(s_row_ptr + col, mask=cmask, other=0.0).to(tl.float32)
+            return acc + (t - xsum[:, None] * z[None, :]) * s[None, :]
         q = ((packed >> (4 * NIBBLE)) & 0xF) | 0x4B000000
         z = ((zeros >> (4 * NIBBLE)) & 0xF) | 0x4B000000
-        col = cp * 8 + ((NIBBLE % 4) * 2 + NIBBLE // 4)
         s = tl.load(s_row_ptr + col, mask=cmask, other=0.0).to(tl.float32)
         w = (q.to(tl.float32, bitcast=True) - z.to(tl.float32, bitcast=True)[None, :]) * s[None, :]
         return tl.dot(x, w.to(x.dtype), acc)
@@ -75,7 +89,10 @@ if HAS_TRITON:
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, n_packed, iters_per_split,
                      num_iters, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm, GROUP: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_NP: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_NP: tl.constexpr, BLOCK_K: tl.constexpr,
+                     MAGIC: tl.constexpr = 0, OFFSET: tl.constexpr = 0.0):
+        """Eight narrow dots a K step, one a nibble (`_nibble_mma`; MAGIC > 0: of the
+        codes themselves). BLOCK_K divides the group."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cp = tl.program_id(1) * BLOCK_NP + tl.arange(0, BLOCK_NP)
         split = tl.program_id(2)
@@ -89,16 +106,21 @@ if HAS_TRITON:
         for it in range(it_begin, it_end):
             x, p, g = _load_k_step(x_ptr, qw_ptr, it, rk, offs_m, mmask, cp, cmask, s_xm,
                                    s_qk, BLOCK_K, GROUP)
+            xsum = tl.zeros([BLOCK_M], tl.float32)
+            if MAGIC > 0:
+                # the rows' sums by the tensor cores too (every column of the product is
+                # the same sum, so the max picks it exactly), not by shuffles
+                xsum = tl.max(tl.dot(x, tl.full([BLOCK_K, 16], 1.0, x.dtype)), axis=1)
             zq = tl.load(z_ptr + g * s_zk + cp, mask=cmask, other=0)
             srow = s_ptr + g * s_sk
-            a0 = _nibble_mma(a0, x, p, zq, srow, cp, cmask, 0)
-            a1 = _nibble_mma(a1, x, p, zq, srow, cp, cmask, 1)
-            a2 = _nibble_mma(a2, x, p, zq, srow, cp, cmask, 2)
-            a3 = _nibble_mma(a3, x, p, zq, srow, cp, cmask, 3)
-            a4 = _nibble_mma(a4, x, p, zq, srow, cp, cmask, 4)
-            a5 = _nibble_mma(a5, x, p, zq, srow, cp, cmask, 5)
-            a6 = _nibble_mma(a6, x, p, zq, srow, cp, cmask, 6)
-            a7 = _nibble_mma(a7, x, p, zq, srow, cp, cmask, 7)
+            a0 = _nibble_mma(a0, x, xsum, p, zq, srow, cp, cmask, 0, MAGIC, OFFSET)
+            a1 = _nibble_mma(a1, x, xsum, p, zq, srow, cp, cmask, 1, MAGIC, OFFSET)
+            a2 = _nibble_mma(a2, x, xsum, p, zq, srow, cp, cmask, 2, MAGIC, OFFSET)
+            a3 = _nibble_mma(a3, x, xsum, p, zq, srow, cp, cmask, 3, MAGIC, OFFSET)
+            a4 = _nibble_mma(a4, x, xsum, p, zq, srow, cp, cmask, 4, MAGIC, OFFSET)
+            a5 = _nibble_mma(a5, x, xsum, p, zq, srow, cp, cmask, 5, MAGIC, OFFSET)
+            a6 = _nibble_mma(a6, x, xsum, p, zq, srow, cp, cmask, 6, MAGIC, OFFSET)
+            a7 = _nibble_mma(a7, x, xsum, p, zq, srow, cp, cmask, 7, MAGIC, OFFSET)
         out = part_ptr + split * s_ps + offs_m[:, None] * s_pm + cp[None, :] * 8
         mask = mmask[:, None] & cmask[None, :]
         _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, mask)
@@ -143,59 +165,6 @@ if HAS_TRITON:
             acc = tl.dot(x, w.to(x.dtype), acc)
         out = part_ptr + split * s_ps + offs_m[:, None] * s_pm + offs_n[None, :]
         tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-
-    @triton.jit
-    def _nibble_codes_mma(acc, x, xsum, packed, zeros, s_row_ptr, cp, cmask,
-                          NIBBLE: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr):
-        """acc += x @ W_nibble as `_nibble_mma`, multiplying the codes themselves: OR-ing
-        q into the mantissa of OFFSET (MAGIC: its 16-bit pattern, 128 in bf16 or 1024
-        in fp16) makes the 16-bit value OFFSET + q exactly, and the zero point, the
-        offset and the scale are applied to the [BLOCK_M, BLOCK_NP] product instead of
-        to every weight: ``x . ((q - z) s) = s (x . (OFFSET + q) - (OFFSET + z) sum(x))``
-        within a group (xsum: x's rows summed over this K step)."""
-        q = (((packed >> (4 * NIBBLE)) & 0xF) | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)
-        t = tl.dot(x, q)
-        z = ((zeros >> (4 * NIBBLE)) & 0xF).to(tl.float32) + OFFSET
-        col = cp * 8 + ((NIBBLE % 4) * 2 + NIBBLE // 4)
-        s = tl.load(s_row_ptr + col, mask=cmask, other=0.0).to(tl.float32)
-        return acc + (t - xsum[:, None] * z[None, :]) * s[None, :]
-
-    @triton.jit
-    def _gemm_codes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, n_packed,
-                           iters_per_split, num_iters, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm,
-                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NP: tl.constexpr,
-                           BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr):
-        """`_gemm_kernel` with `_nibble_codes_mma`: fewer instructions a weight (a shift,
-        a mask and the 16-bit pattern, no float arithmetic). BLOCK_K divides the group."""
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cp = tl.program_id(1) * BLOCK_NP + tl.arange(0, BLOCK_NP)
-        split = tl.program_id(2)
-        mmask = offs_m < M
-        cmask = cp < n_packed
-        rk = tl.arange(0, BLOCK_K)
-        a0 = tl.zeros([BLOCK_M, BLOCK_NP], tl.float32)
-        a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
-        it_begin = split * iters_per_split
-        it_end = tl.minimum(it_begin + iters_per_split, num_iters)
-        for it in range(it_begin, it_end):
-            x, p, g = _load_k_step(x_ptr, qw_ptr, it, rk, offs_m, mmask, cp, cmask, s_xm,
-                                   s_qk, BLOCK_K, GROUP)
-            # the rows' sums by the tensor cores too (every column of the product is the
-            # same sum, so the max picks it exactly), not by shuffles across threads
-            xsum = tl.max(tl.dot(x, tl.full([BLOCK_K, 16], 1.0, x.dtype)), axis=1)
-            zq = tl.load(z_ptr + g * s_zk + cp, mask=cmask, other=0)
-            srow = s_ptr + g * s_sk
-            a0 = _nibble_codes_mma(a0, x, xsum, p, zq, srow, cp, cmask, 0, MAGIC, OFFSET)
-            a1 = _nibble_codes_mma(a1, x, xsum, p, zq, srow, cp, cmask, 1, MAGIC, OFFSET)
-            a2 = _nibble_codes_mma(a2, x, xsum, p, zq, srow, cp, cmask, 2, MAGIC, OFFSET)
-            a3 = _nibble_codes_mma(a3, x, xsum, p, zq, srow, cp, cmask, 3, MAGIC, OFFSET)
-            a4 = _nibble_codes_mma(a4, x, xsum, p, zq, srow, cp, cmask, 4, MAGIC, OFFSET)
-            a5 = _nibble_codes_mma(a5, x, xsum, p, zq, srow, cp, cmask, 5, MAGIC, OFFSET)
-            a6 = _nibble_codes_mma(a6, x, xsum, p, zq, srow, cp, cmask, 6, MAGIC, OFFSET)
-            a7 = _nibble_codes_mma(a7, x, xsum, p, zq, srow, cp, cmask, 7, MAGIC, OFFSET)
-        out = part_ptr + split * s_ps + offs_m[:, None] * s_pm + cp[None, :] * 8
-        mask = mmask[:, None] & cmask[None, :]
-        _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, mask)
 
     @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, splits, numel, s_ps, BLOCK: tl.constexpr):
@@ -245,9 +214,9 @@ class GemmLaunch:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    # "nibbles": eight narrow dots a step (_gemm_kernel); "joined": one [block_k,
-    # 8 * block_np] tile of dequantized weights (_gemm_joined_kernel); "codes": eight
-    # narrow dots of the codes, scaled after the dot (_gemm_codes_kernel)
+    # "nibbles": eight narrow dots a step (_gemm_kernel); "codes": the same of the codes
+    # themselves, scaled after the dot (_gemm_kernel with MAGIC); "joined": one
+    # [block_k, 8 * block_np] tile of dequantized weights (_gemm_joined_kernel)
     kind: str = "nibbles"
 
     def __post_init__(self) -> None:
@@ -283,7 +252,7 @@ def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None
     if launch.kind == "joined":
         kernel, width = _gemm_joined_kernel, n_packed * 8
     elif launch.kind == "codes":
-        kernel, width = _gemm_codes_kernel, n_packed
+        kernel, width = _gemm_kernel, n_packed
         extra = dict(MAGIC=_CODE_MAGIC[x.dtype], OFFSET=_CODE_OFFSET[x.dtype])
     else:
         kernel, width = _gemm_kernel, n_packed
