@@ -192,11 +192,22 @@ def _check(x, qweight, scales, qzeros, group_size):
         raise ValueError("w4a16_gemm: qweight/qzeros must be int32 with 8 nibbles per word")
 
 
-def _splits(units: int, programs: int, want_programs: int) -> tuple[int, int]:
-    """(num_splits, units_per_split) so that programs * splits reaches want_programs."""
-    want = max(1, min(units, cdiv(want_programs, max(1, programs))))
-    per = cdiv(units, want)
-    return cdiv(units, per), per
+def _splits(iters: int, tiles: int, sms: int) -> tuple[int, int]:
+    """(num_splits, K steps per split) for `tiles` output tiles of `iters` K steps.
+
+    K is split while the tiles number fewer than 1.5 programs an SM, into as many
+    parts as bring the programs to about 2.5 an SM, each of at least 4 K steps, and
+    into 16 at most (more partial sums cost more than they gain). One H100, weights
+    read from memory, the Llama-3-8B layers whole and halved at 1, 8, 32 and 64 rows:
+    against the earlier rule (split only below 0.5 tiles an SM, to 2 programs an SM)
+    this took 4096 x 6144 at 64 rows from 36 to 25 µs, 14336 x 4096 at 64 rows from
+    55 to 49 and 4096 x 28672 at 8 rows from 61 to 46; docs/benchmarks.md has the rest.
+    """
+    if 2 * tiles >= 3 * sms:
+        return 1, iters
+    want = max(1, min(cdiv(5 * sms, 2 * tiles), iters // 4, 16))
+    per = cdiv(iters, want)
+    return cdiv(iters, per), per
 
 
 KINDS = ("nibbles", "joined", "codes")
@@ -218,6 +229,7 @@ class GemmLaunch:
     # themselves, scaled after the dot (_gemm_kernel with MAGIC); "joined": one
     # [block_k, 8 * block_np] tile of dequantized weights (_gemm_joined_kernel)
     kind: str = "nibbles"
+    splits: int = 0  # K split over this many programs a tile; 0: `_gemm`'s rule
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -244,9 +256,12 @@ def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None
         launch = replace(launch, kind="nibbles")  # the codes are 16-bit floats
     block_m, block_np, block_k = launch.block_m, launch.block_np, launch.block_k
     tiles = cdiv(m, block_m) * cdiv(n_packed, block_np)
-    sms = num_sms(x)
-    # split K only when the output tiles alone leave SMs idle (partials cost traffic)
-    splits, per = (1, k // block_k) if 2 * tiles >= sms else _splits(k // block_k, tiles, 2 * sms)
+    iters = k // block_k
+    if launch.splits:
+        per = cdiv(iters, min(launch.splits, iters))
+        splits = cdiv(iters, per)
+    else:
+        splits, per = _splits(iters, tiles, num_sms(x))
     part = _partials(splits, out)
     extra = {}
     if launch.kind == "joined":

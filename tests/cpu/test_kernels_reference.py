@@ -141,6 +141,25 @@ def test_awq_dequantize_and_gemm_float64():
                                x.double() @ w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sms", [4, 78, 132])
+def test_w4a16_k_split_covers_k_and_fills_the_gpu(sms):
+    """Every K step lands in exactly one split; K is split only while the output tiles
+    leave the GPU short of 1.5 programs an SM, then to about 2.5 programs an SM,
+    at least 4 steps a split and at most 16 splits."""
+    from tpserve.kernels.w4a16 import _splits
+    for iters in (1, 3, 4, 16, 32, 56, 112, 1000):
+        for tiles in (1, 5, 16, 48, 96, 112, 197, 198, 224, 448):
+            splits, per = _splits(iters, tiles, sms)
+            assert (splits - 1) * per < iters <= splits * per, (iters, tiles)
+            if 2 * tiles >= 3 * sms or iters < 8:
+                assert splits == 1, (iters, tiles)
+                continue
+            assert splits <= 16 and per >= 4, (iters, tiles, splits, per)
+            # the programs reach 2.5 an SM unless the 4-step or 16-split floor stops them
+            if splits < min(16, iters // 4):
+                assert tiles * splits >= 2.5 * sms - tiles, (iters, tiles, splits)
+
+
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("int8", [False, True])
 def test_batched_decode_attention_matches_per_request_loop(window, int8):
