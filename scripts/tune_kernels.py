@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Times launch configurations of two kernels whose defaults are a guess, on one GPU.
+"""Times launch configurations of the kernels whose defaults are a guess, on one GPU.
 
-    python3 scripts/tune_kernels.py [--quick] [--only decode|w4a16]
+    python3 scripts/tune_kernels.py [--quick] [--only decode|w4a16|w4a16-splits|gemv]
 
 - int8-KV decode attention (kernels/attention_decode.py, `LAUNCH`): keys per
   tile, warps, stages and the way it dequantizes, at the Llama-3-8B head layout
@@ -12,7 +12,8 @@
   a block); the bf16 cache and token-major scales are timed beside it at the
   default launch;
 - the W4A16 tensor-core GEMM (kernels/w4a16.py, `gemm_launch`) at 8, 16 and 64
-  rows on the Llama-3-8B MLP shapes;
+  rows on the Llama-3-8B MLP shapes, and its K split (`--only w4a16-splits`) on
+  every Llama-3-8B layer, whole and halved, with the weights read from memory;
 - the one-row GEMV and its SwiGLU twin (kernels/gemv.py, `LAUNCH`, `SILU_LAUNCH`)
   on the Llama-3-8B matrices whole and halved for tp=2, with the weights read from
   memory, not L2 (`--only gemv`). Every launch keeps the default `preload`: what
@@ -201,16 +202,53 @@ def tune_gemv(quick: bool) -> list:
     return rows
 
 
+def tune_w4a16_splits(quick: bool) -> list:
+    """The W4A16 GEMM's K split (`GemmLaunch.splits`, 0: `w4a16._splits`' rule) over the
+    Llama-3-8B layers whole and halved for tp=2, at 8, 32 and 64 rows (and one with
+    --quick), weights read from memory, beside bf16 cuBLAS."""
+    rows = []
+    layers = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),  # tp=1
+              (4096, 3072), (2048, 4096), (4096, 14336), (7168, 4096)]   # tp=2
+    for k, n in layers:
+        qweight, scales, qzeros = random_awq(k, n, 128, **BF16)
+        nbytes = qweight.nbytes + scales.nbytes + qzeros.nbytes
+        dense = torch.randn(n, k, **BF16)
+
+        def copies_of(c):
+            return [(qweight.clone(), scales.clone(), qzeros.clone()) for _ in range(c)]
+        for m in (1,) if quick else (8, 32, 64):
+            x = torch.randn(m, k, **BF16)
+            cublas = bench_cold(lambda w: torch.nn.functional.linear(x, w), dense.nbytes,
+                                lambda c: [dense.clone() for _ in range(c)])
+            want = w4a16.w4a16_gemm(x, qweight, scales, qzeros, 128).float()
+            default = w4a16.gemm_launch(m, 128, True)
+            times = {}
+            for splits in (0, 1, 2, 3, 4, 6, 8, 16):
+                launch = dataclasses.replace(default, splits=splits)
+                got = w4a16.w4a16_gemm(x, qweight, scales, qzeros, 128, launch=launch).float()
+                torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+                times[splits] = bench_cold(
+                    lambda c: w4a16.w4a16_gemm(x, *c, 128, launch=launch), nbytes, copies_of)
+            name = f"w4a16 splits M={m} K={k} N={n}"
+            best = min(times, key=times.get)
+            print(f"{name}: cuBLAS {cublas:.1f} us, " + ", ".join(
+                f"{s or 'rule'} {us:.1f}" for s, us in times.items()), flush=True)
+            rows.append((name, times[0], dataclasses.replace(default, splits=best), times[best]))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smaller grid")
-    p.add_argument("--only", choices=("decode", "w4a16", "gemv"), help="tune one kernel")
+    p.add_argument("--only", choices=("decode", "w4a16", "w4a16-splits", "gemv"),
+                   help="tune one kernel")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_kernels.py times CUDA kernels; run it on a GPU machine")
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
-    tuners = dict(decode=tune_decode, w4a16=tune_w4a16, gemv=tune_gemv)
+    tuners = {"decode": tune_decode, "w4a16": tune_w4a16, "w4a16-splits": tune_w4a16_splits,
+              "gemv": tune_gemv}
     rows = [row for name, tune in tuners.items() if args.only in (None, name)
             for row in tune(args.quick)]
     print("\nsummary")
