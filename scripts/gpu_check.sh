@@ -154,6 +154,8 @@ for part in "${parts[@]}"; do
     ln -sfn "$PWD/.ab_base" /tmp/tpserve-ab/base/tpserve
     ln -sfn "$PWD" /tmp/tpserve-ab/new/tpserve
     # AB_WEIGHTS=awq: the random 4-bit workspace instead (tp=1 only)
+    case ${AB_WEIGHTS:-bf16} in bf16|awq) ;;
+      *) echo "ab: AB_WEIGHTS must be bf16 or awq, not '$AB_WEIGHTS'"; continue;; esac
     if [ "${AB_WEIGHTS:-bf16}" = awq ]; then
       ws1=$(workspace l3awq --shape llama3-8b --awq-group 128); tps="1"; extra="--awq-group 128"
     else
