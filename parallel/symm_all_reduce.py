@@ -73,7 +73,7 @@ def all_reduce_mode() -> str:
 
 
 if triton is not None:
-    from ..kernels.pdl import start
+    from ..kernels.pdl import allow_next, start, wait_prior
     from ..kernels.peer_slots import own_buffer, send_row, take_row, wire_bits
 
     @triton.jit
@@ -83,12 +83,21 @@ if triton is not None:
                                         WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                                         HAS_RESIDUAL: tl.constexpr, SENT: tl.constexpr,
                                         BLOCK: tl.constexpr):
-        start()  # kernels/pdl.py
+        allow_next()  # kernels/pdl.py
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
         dtype = x_ptr.dtype.element_ty
+        # every load is issued before the wait for the peers' rows, so that their
+        # latencies overlap it: the norm weight and the bias (no kernel writes them)
+        # even before the wait for the kernel before
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + cols, mask=mask, other=0.0)
+        wait_prior()
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         if SENT:  # the kernel that wrote x sent it to the peers already (`SendTarget`)
             bits = wire_bits(x)  # as the peers got it
         else:  # this row from this rank: the slot `rank` of the row in every peer's half
@@ -106,17 +115,14 @@ if triton is not None:
         # rounded to the activation dtype as the unfused all-reduce and adds are
         total = acc.to(dtype)
         if HAS_BIAS:
-            b = tl.load(bias_ptr + cols, mask=mask, other=0.0)
             total = (total.to(tl.float32) + b.to(tl.float32)).to(dtype)
         h = total
         if HAS_RESIDUAL:
-            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
             h = (total.to(tl.float32) + r.to(tl.float32)).to(dtype)
         tl.store(new_res_ptr + row * stride_nr + cols, h, mask=mask)
         hf = h.to(tl.float32)
         var = tl.sum(hf * hf, axis=0) / hidden
         hn = (hf * tl.rsqrt(var + eps)).to(dtype)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         out = w.to(tl.float32) * hn.to(tl.float32)
         tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
