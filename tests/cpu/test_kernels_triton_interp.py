@@ -297,6 +297,29 @@ def _slots(torch, kernels, ref):
             sar._all_gather_kernel[(1, 2)](logits[r], got, ptrs, 0, slot, r, per_rank, vocab,
                                            per_rank, vocab, WORLD=world, SENT=True, BLOCK=16)
             _close(f"gathered logits {token} rank {r}", got, want, 0.0)
+    # a row-parallel layer's one-row GEMV sends its partial sums (a row of them -0.0),
+    # and the joined all-reduce adds them, the bias and the residual and normalizes; in
+    # float16: the interpreter rounds float32 to bfloat16 by truncating
+    k, hidden, dtype = 40, 24, torch.float16
+    norm_w = norm_w.to(dtype)
+    w = torch.randn(hidden, world * k, generator=gen).to(dtype)
+    w[3] = 0.0
+    x = -(torch.rand(1, world * k, generator=gen) + 0.1).to(dtype)
+    bias = torch.randn(hidden, generator=gen).to(dtype)
+    residual = (torch.randn(1, hidden, generator=gen) * 4).to(dtype)
+    parts = [gemv(x[:, r * k:(r + 1) * k], w[:, r * k:(r + 1) * k].contiguous(),
+                  send=SendTarget(ptrs, r * slot, r, world)) for r in range(world)]
+    total = (parts[0].float() + parts[1].float()).to(dtype)
+    h = ((total.float() + bias.float()).to(dtype).float() + residual.float()).to(dtype)
+    for r in range(world):
+        out, res = torch.empty(1, hidden, dtype=dtype), torch.empty(1, hidden, dtype=dtype)
+        sar._all_reduce_add_rms_norm_kernel[(1,)](
+            parts[r], bias, residual, norm_w, out, res, ptrs, 0, slot, r, hidden, hidden,
+            hidden, hidden, hidden, 1e-5, WORLD=world, HAS_BIAS=True, HAS_RESIDUAL=True,
+            SENT=True, BLOCK=32)
+        _close(f"sent partial sums + bias + residual rank {r}", res, h, 0.0)
+        _close(f"sent partial sums, normalized, rank {r}", out, ref.rms_norm(h, norm_w, 1e-5),
+               1e-2, 2e-2)
     if not all(bool((b == -32768).all()) for b in bufs):
         raise AssertionError("a slot was left full")
 
