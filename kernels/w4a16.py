@@ -205,8 +205,12 @@ def _splits(iters: int, tiles: int, sms: int) -> tuple[int, int]:
     """
     if 2 * tiles >= 3 * sms:
         return 1, iters
-    want = max(1, min(cdiv(5 * sms, 2 * tiles), iters // 4, 16))
-    per = cdiv(iters, want)
+    return _split_into(iters, min(cdiv(5 * sms, 2 * tiles), iters // 4, 16))
+
+
+def _split_into(iters: int, want: int) -> tuple[int, int]:
+    """(num_splits, K steps per split) for about `want` equal splits of `iters` K steps."""
+    per = cdiv(iters, max(1, min(want, iters)))
     return cdiv(iters, per), per
 
 
@@ -258,8 +262,7 @@ def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None
     tiles = cdiv(m, block_m) * cdiv(n_packed, block_np)
     iters = k // block_k
     if launch.splits:
-        per = cdiv(iters, min(launch.splits, iters))
-        splits = cdiv(iters, per)
+        splits, per = _split_into(iters, launch.splits)
     else:
         splits, per = _splits(iters, tiles, num_sms(x))
     part = _partials(splits, out)
@@ -272,7 +275,7 @@ def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None
     else:
         kernel, width = _gemm_kernel, n_packed
     kernel[(cdiv(m, block_m), cdiv(n_packed, block_np), splits)](
-        x, qweight, scales, qzeros, part, m, width, per, k // block_k, x.stride(0),
+        x, qweight, scales, qzeros, part, m, width, per, iters, x.stride(0),
         qweight.stride(0), scales.stride(0), qzeros.stride(0), part.stride(0),
         part.stride(1), GROUP=group_size, BLOCK_M=block_m, BLOCK_NP=block_np,
         BLOCK_K=block_k, num_warps=launch.num_warps, num_stages=launch.num_stages, **extra)
