@@ -62,16 +62,27 @@ if HAS_TRITON:
                  mask=(heads[:, None] < num_heads) & (cols[None, :] < HEAD_DIM))
 
     @triton.jit
+    def _token_queries(tok, q_ptr, qo_ptr, pos_ptr, cos_sin_ptr, sq_t, sq_h, sqo_t, sqo_h,
+                       stride_c, num_q, HALF: tl.constexpr, D_PAD: tl.constexpr,
+                       Q_HEADS: tl.constexpr):
+        """Token tok's queries rotated into qo; returns the `_angles` of its position,
+        for its keys."""
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        cols, cos, sin, partner = _angles(cos_sin_ptr, pos, stride_c, HALF, D_PAD)
+        q = _rotated(q_ptr, tok, sq_t, sq_h, num_q, cos, sin, cols, partner, Q_HEADS, D_PAD,
+                     2 * HALF)
+        _write_heads(q, qo_ptr, tok, sqo_t, sqo_h, num_q, cols, Q_HEADS, 2 * HALF)
+        return cols, cos, sin, partner
+
+    @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr,
                        sq_t, sq_h, sk_t, sk_h, sqo_t, sqo_h, sko_t, sko_h, stride_c,
                        num_q, num_kv, HALF: tl.constexpr, D_PAD: tl.constexpr,
                        Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + tok).to(tl.int64)
-        cols, cos, sin, partner = _angles(cache_ptr, pos, stride_c, HALF, D_PAD)
-        q = _rotated(q_ptr, tok, sq_t, sq_h, num_q, cos, sin, cols, partner, Q_HEADS, D_PAD,
-                     2 * HALF)
-        _write_heads(q, qo_ptr, tok, sqo_t, sqo_h, num_q, cols, Q_HEADS, 2 * HALF)
+        cols, cos, sin, partner = _token_queries(
+            tok, q_ptr, qo_ptr, pos_ptr, cache_ptr, sq_t, sq_h, sqo_t, sqo_h, stride_c, num_q,
+            HALF, D_PAD, Q_HEADS)
         k = _rotated(k_ptr, tok, sk_t, sk_h, num_kv, cos, sin, cols, partner, KV_HEADS, D_PAD,
                      2 * HALF)
         _write_heads(k, ko_ptr, tok, sko_t, sko_h, num_kv, cols, KV_HEADS, 2 * HALF)
@@ -88,11 +99,9 @@ if HAS_TRITON:
                              KV_HEADS: tl.constexpr):
         start()  # kernels/pdl.py
         tok = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + tok).to(tl.int64)
-        cols, cos, sin, partner = _angles(cos_sin_ptr, pos, stride_c, HALF, D_PAD)
-        q = _rotated(q_ptr, tok, sq_t, sq_h, num_q, cos, sin, cols, partner, Q_HEADS, D_PAD,
-                     2 * HALF)
-        _write_heads(q, qo_ptr, tok, sqo_t, sqo_h, num_q, cols, Q_HEADS, 2 * HALF)
+        cols, cos, sin, partner = _token_queries(
+            tok, q_ptr, qo_ptr, pos_ptr, cos_sin_ptr, sq_t, sq_h, sqo_t, sqo_h, stride_c, num_q,
+            HALF, D_PAD, Q_HEADS)
         slot = tl.load(slot_ptr + tok).to(tl.int64)
         if slot >= 0:  # -1: a padding token, nothing cached
             k = _rotated(k_ptr, tok, sk_t, sk_h, num_kv, cos, sin, cols, partner, KV_HEADS,
