@@ -18,6 +18,7 @@ int4_tinygemm.py: none of the Triton GEMVs tried here beat about 1 TB/s of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -192,7 +193,7 @@ def _check(x, qweight, scales, qzeros, group_size):
         raise ValueError("w4a16_gemm: qweight/qzeros must be int32 with 8 nibbles per word")
 
 
-def _splits(iters: int, tiles: int, sms: int) -> tuple[int, int]:
+def _splits(iters: int, tiles: int, sms: int, even: bool = False) -> tuple[int, int]:
     """(num_splits, K steps per split) for `tiles` output tiles of `iters` K steps.
 
     K is split while the tiles number fewer than 1.5 programs an SM, into as many
@@ -202,9 +203,21 @@ def _splits(iters: int, tiles: int, sms: int) -> tuple[int, int]:
     against the earlier rule (split only below 0.5 tiles an SM, to 2 programs an SM)
     this took 4096 x 6144 at 64 rows from 36 to 25 µs, 14336 x 4096 at 64 rows from
     55 to 49 and 4096 x 28672 at 8 rows from 61 to 46; docs/benchmarks.md has the rest.
+
+    even (the joined tile, 32 and 64 rows): only split counts that divide iters, the one
+    nearest 2.5 programs an SM. There the uneven splits of the rule above (6 of 32 steps
+    for 4096 x 4096: five of 6 steps and one of 2) were up to 17% slower than 4 or 8
+    equal ones (22.8 against 19.5 µs at 32 rows; `tune_kernels.py --only w4a16-splits`,
+    one H100).
     """
     if 2 * tiles >= 3 * sms:
         return 1, iters
+    if even:
+        # the divisor of iters nearest (by ratio) to 2.5 programs an SM, in the same bounds
+        want = 2.5 * sms / tiles
+        ways = [d for d in range(1, 17) if iters % d == 0 and (d == 1 or iters // d >= 4)]
+        best = min(ways, key=lambda d: abs(math.log(d / want)))
+        return best, iters // best
     return _split_into(iters, min(cdiv(5 * sms, 2 * tiles), iters // 4, 16))
 
 
@@ -264,7 +277,7 @@ def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None
     if launch.splits:
         splits, per = _split_into(iters, launch.splits)
     else:
-        splits, per = _splits(iters, tiles, num_sms(x))
+        splits, per = _splits(iters, tiles, num_sms(x), even=launch.kind == "joined")
     part = _partials(splits, out)
     extra = {}
     if launch.kind == "joined":

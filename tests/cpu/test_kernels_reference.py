@@ -1,5 +1,7 @@
 """The plain-torch kernel twins against independent float64 / transformers results."""
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -158,6 +160,29 @@ def test_w4a16_k_split_covers_k_and_fills_the_gpu(sms):
             # the programs reach 2.5 an SM unless the 4-step or 16-split floor stops them
             if splits < min(16, iters // 4):
                 assert tiles * splits >= 2.5 * sms - tiles, (iters, tiles, splits)
+
+
+@pytest.mark.parametrize("sms", [4, 78, 132])
+def test_w4a16_even_k_split_divides_k_nearest_the_wanted_programs(sms):
+    """The joined tile's split (even=True): a divisor of the K steps, at least 4 steps
+    a split and at most 16 splits, and no other such divisor nearer (by ratio) to 2.5
+    programs an SM; unsplit where the tiles fill the GPU as the rule above."""
+    from tpserve.kernels.w4a16 import _splits
+    for iters in (1, 3, 4, 16, 32, 56, 112, 1000):
+        for tiles in (1, 5, 16, 48, 64, 96, 197, 198, 448):
+            splits, per = _splits(iters, tiles, sms, even=True)
+            assert splits * per == iters, (iters, tiles, splits, per)
+            if 2 * tiles >= 3 * sms:
+                assert splits == 1
+                continue
+            assert splits <= 16 and (splits == 1 or per >= 4), (iters, tiles, splits)
+            want = 2.5 * sms / tiles
+            for d in range(1, 17):
+                if iters % d == 0 and (d == 1 or iters // d >= 4):
+                    assert abs(math.log(splits / want)) <= abs(math.log(d / want)) + 1e-12
+    # the sweep's cases on an H100 (132 SMs): 64 tiles of 32 steps in 4, 48 in 8
+    assert _splits(32, 64, 132, even=True) == (4, 8)
+    assert _splits(32, 48, 132, even=True) == (8, 4)
 
 
 @pytest.mark.parametrize("window", [None, 5])
