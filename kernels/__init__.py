@@ -5,7 +5,7 @@ twin from :mod:`tpserve.kernels.reference` elsewhere (set
 ``TPSERVE_FORCE_TRITON=1`` to force Triton, e.g. under ``TRITON_INTERPRET=1``).
 """
 
-from . import int4_tinygemm
+from . import gemv_rotary, int4_tinygemm
 from .activation import silu_and_mul
 from .attention import paged_attention
 from .kv_cache import store_kv_cache
@@ -18,6 +18,7 @@ __all__ = [
     "awq_dequantize",
     "build_cos_sin_cache",
     "fused_add_rms_norm",
+    "gemv_rotary",
     "int4_tinygemm",
     "paged_attention",
     "rms_norm",

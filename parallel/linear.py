@@ -39,6 +39,9 @@ class LinearMethod(Protocol):
         """apply(p, x), the kernel also writing its output row into the other ranks'
         all-reduce slots (kernels/peer_slots.py); None, having done nothing, where
         the format's kernel for x cannot."""
+    def one_row_weight(self, p: Params, x: torch.Tensor) -> torch.Tensor | None:
+        """The dense weight [out, in] where x is one row that the Triton GEMV takes
+        (kernels/gemv.py), for kernels that fold more work into that GEMV; else None."""
     def finalize(self, layer: "ParallelLinear") -> None:
         """Once the layer's weights are loaded: any repacking for the device's kernels."""
 
@@ -69,6 +72,9 @@ class UnquantizedMethod:
 
     def apply_sending(self, p, x, send):
         return linear(x, p["weight"], send) if one_row(x, p["weight"]) else None
+
+    def one_row_weight(self, p, x):
+        return p["weight"] if one_row(x, p["weight"]) else None
 
     def finalize(self, layer: "ParallelLinear") -> None:
         pass
@@ -126,6 +132,9 @@ class AWQMethod:
         return silu_and_mul(self.apply(p, x))
 
     def apply_sending(self, p, x, send):
+        return None
+
+    def one_row_weight(self, p, x):
         return None
 
     def finalize(self, layer: "ParallelLinear") -> None:
@@ -218,6 +227,11 @@ class ParallelLinear(nn.Module):
         if self.bias is not None or self.reduce is not None:
             raise ValueError("silu_mul is for a column-parallel [gate | up] layer without bias")
         return self.method.apply_silu_mul(self.params(), x)
+
+    def one_row_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This column-parallel layer's dense weight where x is one row the Triton GEMV
+        takes (LinearMethod.one_row_weight), for a kernel that folds more work into it."""
+        return None if self.reduce is not None else self.method.one_row_weight(self.params(), x)
 
     def partial(self, x: torch.Tensor, half: int) -> PartialSums:
         """A row-parallel layer's output before the all-reduce, for the all-reduce

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...kernels import build_cos_sin_cache, paged_attention, rms_norm, rotate_and_store
+from ...kernels import (build_cos_sin_cache, gemv_rotary, paged_attention, rms_norm,
+                        rotate_and_store)
 from ...parallel.comm import LocalGroup, TPGroup
 from ...parallel.linear import (LinearMethod, ParallelLinear, ParallelLMHead, PartialSums,
                                 VocabParallelEmbedding)
@@ -53,6 +54,11 @@ class Attention(nn.Module):
         """The rotated queries [t, heads, head_dim]; the tokens' keys and values go to
         the cache (padding tokens, slot -1, write nothing)."""
         t = x.shape[0]
+        w = None if hasattr(self, "q_norm") else self.qkv_proj.one_row_weight(x)
+        if w is not None and gemv_rotary.supports(x, kv.k):  # one kernel for all of it
+            return gemv_rotary.qkv_rotate_and_store(
+                x.reshape(1, -1), w, self.qkv_proj.bias, self.num_heads, self.num_kv_heads,
+                positions, cos_sin, kv.k, kv.v, slot_mapping)
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)

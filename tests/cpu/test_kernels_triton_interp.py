@@ -133,6 +133,40 @@ def _kv_cache(torch, kernels, ref):
                 ref.store_kv_cache(want_k, p.v_new, kc, vc, p.slot_mapping, ks, vs, static)
             caches.append((kc, vc, ks, vs))
         _same_caches("rotate_and_store", torch, *caches, 2e-3, 0.02)
+    _qkv_rotate_and_store(torch, kernels, ref)
+
+
+def _qkv_rotate_and_store(torch, kernels, ref):
+    """The one-row [q | k | v] GEMV that rotates and caches in its epilogue, against the
+    projection in float64 rounded to the dtype, then the references: with and without
+    bias, a head dim of 24, a last program with fewer pairs, K past the tiles, and a
+    padding token (slot -1) that caches nothing."""
+    from tpserve.kernels.gemv_rotary import qkv_rotate_and_store
+    gen = torch.Generator().manual_seed(3)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-3)):
+        for nq, nkv, d, k, launch, slot in ((4, 2, 32, 300, dict(block_k=64), 21),
+                                             (3, 1, 24, 300, dict(pairs=8, block_k=128), 5),
+                                             (4, 2, 32, 200, dict(pairs=1, preload=1), -1)):
+            x = torch.randn(1, k, generator=gen).to(dtype)
+            w = (torch.randn((nq + 2 * nkv) * d, k, generator=gen) / k ** 0.5).to(dtype)
+            inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+            cos_sin = kernels.build_cos_sin_cache(inv, 64, 1.1)
+            pos, slots = torch.tensor([37]), torch.tensor([slot])
+            for bias in (None, torch.randn(w.shape[0], generator=gen).to(dtype)):
+                qkv = x.double() @ w.double().T + (0 if bias is None else bias.double())
+                q, k_new, v = qkv.to(dtype).split([nq * d, nkv * d, nkv * d], dim=-1)
+                want_q, want_k = ref.apply_rotary(q.reshape(1, nq, d), k_new.reshape(1, nkv, d),
+                                                  pos, cos_sin)
+                k0 = torch.randn(3, 16, nkv, d, generator=gen).to(dtype)
+                v0 = torch.randn(3, 16, nkv, d, generator=gen).to(dtype)
+                kc, vc, want_kc, want_vc = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+                got = qkv_rotate_and_store(x, w, bias, nq, nkv, pos, cos_sin, kc, vc, slots,
+                                           **launch)
+                ref.store_kv_cache(want_k, v.reshape(1, nkv, d), want_kc, want_vc, slots)
+                name = f"qkv_rotate_and_store {nq}/{nkv}x{d} slot {slot}"
+                _close(f"{name} queries", got, want_q, tol, tol)
+                _close(f"{name} keys", kc, want_kc, tol, tol)
+                _close(f"{name} values", vc, want_vc, tol, tol)
 
 
 def _same_caches(name, torch, got, want, atol, int8_off):

@@ -187,6 +187,35 @@ def test_gemv_silu_mul_against_float64(inter, k, dtype):
     _close(linear_silu_mul(x3, w), want(x3), 8 * eps, 8 * eps)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nq,nkv,bias", [(NQ, NKV, False), (NQ // 2, NKV // 2, False),
+                                         (28, 4, True)])
+def test_qkv_rotate_and_store_against_float64(nq, nkv, bias, dtype):
+    """The one-row [q | k | v] GEMV with rotary and the cache write in its epilogue, at
+    the Llama-3-8B heads whole and halved for tp=2, and Qwen2-7B's (biased q/k/v), against
+    the projection in float64, rounded, then the references; a padding token too."""
+    from tpserve.kernels.gemv_rotary import qkv_rotate_and_store
+    x = torch.randn(1, HIDDEN, device="cuda").to(dtype)
+    w = (torch.randn((nq + 2 * nkv) * D, HIDDEN, device="cuda") / HIDDEN ** 0.5).to(dtype)
+    b = torch.randn(w.shape[0], device="cuda").to(dtype) if bias else None
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    cos_sin = kernels.build_cos_sin_cache(inv, 8192)
+    pos = torch.tensor([5000], device="cuda")
+    qkv = (x.double() @ w.double().T + (b.double() if bias else 0)).to(dtype)
+    q, k, v = qkv.split([nq * D, nkv * D, nkv * D], dim=-1)
+    want_q, want_k = ref.apply_rotary(q.view(1, nq, D), k.view(1, nkv, D), pos, cos_sin)
+    eps = torch.finfo(dtype).eps
+    for slot in (77, -1):
+        slots = torch.tensor([slot], device="cuda")
+        k0, v0 = torch.randn(2, 4, BLOCK, nkv, D, device="cuda").to(dtype)
+        kc, vc, want_kc, want_vc = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+        got = qkv_rotate_and_store(x, w, b, nq, nkv, pos, cos_sin, kc, vc, slots)
+        ref.store_kv_cache(want_k, v.view(1, nkv, D), want_kc, want_vc, slots)
+        _close(got, want_q, 4 * eps, 4 * eps)
+        _close(kc, want_kc, 4 * eps, 4 * eps)
+        _close(vc, want_vc, 4 * eps, 4 * eps)
+
+
 @pytest.mark.parametrize("m", [1, 5, 64])
 @pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 28672), (14336, 4096), (2048, 4096)])
 def test_int4_tinygemm_matches_awq(k, n, m):
