@@ -12,11 +12,15 @@ gives its input id.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from .tensor_dataclass import TensorDataclass
+
+
+SAMPLED_BY_NONE, SAMPLED_BY_RANK0, SAMPLED_BY_ALL = 0, 1, 2
 
 
 @dataclass
@@ -35,6 +39,9 @@ class ForwardBatch(TensorDataclass):
     fed_rows: torch.Tensor | None = None
     # the leading requests with one new token each (attention runs them as decodes)
     num_decodes: int = 0
+    # at tp > 1, who samples this step's logits (SAMPLED_BY_*): rank 0 alone, or every rank
+    # alike, taking the argmax of the logits every rank holds whole (see ModelRunner.follow)
+    sampled_by: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -113,3 +120,13 @@ def _fed_rows(rows: list[int], query_start_loc: list[int]) -> torch.Tensor:
         if row >= 0:
             fed[query_start_loc[b + 1] - 1] = row
     return torch.tensor(fed, dtype=torch.int64)
+
+
+def mark_sampler(batch: ForwardBatch, sampling) -> ForwardBatch:
+    """The batch marked with who samples it at tp > 1 (rank 0 calls this before sending
+    it to the others): every rank alike where `sampling` (a SamplingBatch) is a plain
+    argmax, rank 0 alone otherwise, no rank where there is no sampling."""
+    if sampling is None:
+        return batch
+    mark = SAMPLED_BY_ALL if sampling.plain_argmax else SAMPLED_BY_RANK0
+    return dataclasses.replace(batch, sampled_by=mark)

@@ -15,7 +15,7 @@ from ..parallel.process_group import min_over_ranks
 from .config import EngineConfig, WorkspaceMeta
 from .cuda_graph import DecodeGraphs
 from .errors import ConfigError
-from .forward_batch import ForwardBatch
+from .forward_batch import SAMPLED_BY_ALL, SAMPLED_BY_RANK0, ForwardBatch
 from .kv_cache import KVCache
 from .loader import build_model, load_kv_qparams
 from .mixed_graphs import MAX_TOKENS as MIXED_GRAPH_TOKENS
@@ -74,8 +74,10 @@ class ModelRunner:
         self.kv_cache = KVCache.allocate(cfg.num_layers, self.num_blocks, self.block_size, kv_heads,
                                          cfg.head_dim, self.dtype, self.device, config.kv_int8,
                                          static)
-        # the last step's sampled token ids, on the device: the next step's fed inputs
+        # the last step's sampled token ids, on the device: the next step's fed inputs;
+        # local: every rank took them alike (no broadcast needed)
         self._last_sampled: torch.Tensor | None = None
+        self._last_local = False
         self._fed_buffer = torch.zeros(config.max_batch_size, dtype=torch.int64,
                                        device=self.device) if group.world_size > 1 else None
         self.graphs: DecodeGraphs | None = None
@@ -149,11 +151,13 @@ class ModelRunner:
 
     def _feed(self, batch: ForwardBatch) -> ForwardBatch:
         """The batch with its pending input ids taken from the last step's samples, on
-        the device (no host sync). Only rank 0 samples: it broadcasts them to the others."""
+        the device (no host sync). Samples that every rank took alike (`follow`) are on
+        every rank; rank 0's alone it broadcasts to the others."""
         last = self._last_sampled
-        if last is None and self.group.rank == 0:
+        broadcast = self._fed_buffer is not None and not self._last_local
+        if last is None and (self.group.rank == 0 or not broadcast):
             raise RuntimeError("a step feeds on sampled tokens, but this runner has sampled none")
-        if self._fed_buffer is not None:
+        if broadcast:
             if self.group.rank == 0:
                 self._fed_buffer[:last.shape[0]].copy_(last)
             last = self.group.broadcast(self._fed_buffer)
@@ -172,7 +176,20 @@ class ModelRunner:
         sampling = sampling.to(self.device, non_blocking=True).fill_pending(self._last_sampled)
         sampled = sample(logits, sampling)
         self._last_sampled = sampled.token_ids
+        self._last_local = batch.sampled_by == SAMPLED_BY_ALL
         return sampled
+
+    @torch.inference_mode()
+    def follow(self, batch: ForwardBatch) -> None:
+        """Ranks 1..: runs the batch rank 0 sent. Where every rank samples it alike
+        (`mark_sampler`), takes the argmax of the logits, which every rank holds whole and
+        bit for bit the same, as rank 0's sampler does: the next step's fed tokens are
+        then here without a broadcast."""
+        logits = self.execute(batch)
+        if batch.sampled_by == SAMPLED_BY_ALL:
+            self._last_sampled, self._last_local = logits.argmax(dim=-1), True
+        elif batch.sampled_by == SAMPLED_BY_RANK0:
+            self._last_sampled, self._last_local = None, False
 
     def submit_step(self, batch: ForwardBatch, sampling: SamplingBatch | None) -> "Launched":
         """`step`, returning once the work is queued on the device; the sampled tokens

@@ -93,6 +93,13 @@ class SamplingBatch(TensorDataclass):
             else None,
         )
 
+    @property
+    def plain_argmax(self) -> bool:
+        """Every row's token is the argmax of its raw logits (greedy, no penalties), so
+        any rank holding the same logits picks the same tokens."""
+        return (self.all_greedy and self.repetition_penalty is None
+                and self.presence_penalty is None and self.frequency_penalty is None)
+
     def fill_pending(self, last_sampled: torch.Tensor | None) -> "SamplingBatch":
         """The batch with each row's pending token (from the previous step's samples, on
         the device) in the last column of the id tables the penalties count."""

@@ -4,9 +4,10 @@ Rank 0 is driven by the executor over a TCP socket (`serve_steps`, see
 step_socket.py: a Ray call a step cost milliseconds) and hands each step's
 batch to the other ranks (batch_channel.py: shared memory on one host, gloo
 across hosts); ranks 1.. sit in `serve` (`while batch := recv():
-runner.execute(batch)`). Rank 0 also samples, so only the sampled token ids
-(and any logprobs) travel back, not [S, vocab] logits. scripts/bench_tp.py
-times each part of a step.
+runner.follow(batch)`). Rank 0 also samples, so only the sampled token ids
+(and any logprobs) travel back, not [S, vocab] logits. Where sampling is a plain
+argmax every rank takes it too (`mark_sampler`), so that the next step's fed
+tokens need no broadcast. scripts/bench_tp.py times each part of a step.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable, Protocol
 import ray
 import torch
 
+from ..engine.forward_batch import mark_sampler
 from .comm import TPGroup
 from .batch_channel import open_batch_channel
 from .process_group import init_tp_group, open_store, set_worker_env
@@ -32,6 +34,8 @@ class Runner(Protocol):
     vocab_size: int
 
     def execute(self, batch) -> torch.Tensor: ...
+
+    def follow(self, batch) -> None: ...  # ranks 1..: execute, and sample where all ranks do
 
     def step(self, batch, sampling): ...
 
@@ -109,12 +113,14 @@ class TPWorker:
         """Rank 0: hands the batch to the other ranks, runs it with them and samples here;
         returns once it is queued on the device, its `.result()` the SamplerOutput on the
         CPU (or None). Serving answers it when done (StepServer)."""
+        batch = mark_sampler(batch, sampling)
         self.channel.send(batch)
         return self.runner.submit_step(batch, sampling)
 
     def time_steps(self, batch, sampling, steps: int) -> dict[str, float]:
         """Rank 0, for benchmarks: mean ms of each part of `step` over `steps` steps."""
         parts = {"send": 0.0, "forward_and_sample": 0.0, "to_cpu": 0.0}
+        batch = mark_sampler(batch, sampling)
         for _ in range(steps):
             t0 = time.perf_counter()
             self.channel.send(batch)
@@ -167,7 +173,7 @@ class TPWorker:
         """Ranks 1..: runs every batch rank 0 sends until it says stop; returns the step count."""
         steps = 0
         while (batch := self.channel.recv()) is not None:
-            self.runner.execute(batch)
+            self.runner.follow(batch)
             steps += 1
         return steps
 

@@ -181,6 +181,64 @@ def test_tp2_streams_with_stops_and_aborts_under_async_scheduling(llama_llm, tin
     asyncio.run(main())
 
 
+def test_tp2_feeds_samples_of_every_rank_and_of_rank0_alike(llama_llm, tiny_hf, monkeypatch):
+    """Under async scheduling a step whose sampling is a plain argmax is sampled by every
+    rank, and the next step feeds on the tokens each rank holds (no broadcast); a step
+    with a sampled request is sampled by rank 0, which broadcasts them. A greedy stream
+    joined midway by a seeded sampled one goes from the first kind to the second and
+    back: its tokens stay transformers' greedy ones, and the sampled stream's equal the
+    same request run alone, one step at a time."""
+    import asyncio
+
+    from tpserve.engine.async_engine import AsyncLLMEngine
+    from tpserve.engine.forward_batch import SAMPLED_BY_ALL, SAMPLED_BY_RANK0, mark_sampler
+    from tpserve.engine.sampling_params import SamplingParams
+
+    ref = hf_greedy(tiny_hf("llama")[1])[1]
+    greedy = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.9, seed=7, max_tokens=4, ignore_eos=True)
+    engine = llama_llm.engine
+    sync = engine.config.replace(async_scheduling=False)
+    monkeypatch.setattr(engine, "config", sync)
+    alone = llama_llm.generate([PROMPTS[1]], sampled)[0].token_ids
+    monkeypatch.setattr(engine, "config", sync.replace(async_scheduling=True))
+    marks = []  # who samples each step, as rank 0 marks it
+    original = engine.runner.submit_step
+
+    def submit(batch, sampling):
+        marks.append(mark_sampler(batch, sampling).sampled_by)
+        return original(batch, sampling)
+    monkeypatch.setattr(engine.runner, "submit_step", submit)
+
+    async def tokens(async_engine, prompt, params, rid, started=None, after=None):
+        if after is not None:
+            await after.wait()
+        got = []
+        async for out in async_engine.generate(prompt, params, rid):
+            got = list(out.token_ids)
+            if started is not None and len(got) >= 3:
+                started.set()
+        return got
+
+    async def main():
+        async_engine = AsyncLLMEngine(engine)  # its own: an earlier test shut the LLM's down
+        started = asyncio.Event()
+        results = await asyncio.gather(tokens(async_engine, PROMPTS[0], greedy, "g", started),
+                                       tokens(async_engine, PROMPTS[1], sampled, "s",
+                                              after=started))
+        async_engine.shutdown()
+        return results
+
+    got_greedy, got_sampled = asyncio.run(main())
+    assert got_greedy == ref[0]
+    assert got_sampled == alone
+    # both kinds of step ran, and the greedy-only steps came before and after the others
+    kinds = [m for m in marks if m != 0]
+    first = kinds.index(SAMPLED_BY_RANK0)
+    last = len(kinds) - 1 - kinds[::-1].index(SAMPLED_BY_RANK0)
+    assert SAMPLED_BY_ALL in kinds[:first] and SAMPLED_BY_ALL in kinds[last + 1:]
+
+
 def test_killed_rank_fails_the_next_step_fast(llama_llm):
     ex = llama_llm.executor
     ex.check_health()
