@@ -47,7 +47,7 @@ def _launch(x, residual, weight, eps):
         res = residual.reshape(-1, hidden).contiguous()
         new_res = torch.empty_like(x2)
     block = next_pow2(hidden)
-    warps = max(1, min(16, block // 256))
+    warps = norm_warps(block)
     if rows > 0:
         _rms_norm_kernel[(rows,)](
             x2, res, weight, out, new_res, x2.stride(0), res.stride(0),
@@ -62,6 +62,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not use_triton(x):
         return reference.rms_norm(x, weight, eps)
     return _launch(x, None, weight, eps)[0]
+
+
+def norm_warps(block: int) -> int:
+    """Warps for one program normalizing a row of `block` (a power of 2) columns: 256
+    columns a warp, 1 to 16 (the all-reduce joined with the norm takes the same)."""
+    return max(1, min(16, block // 256))
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,

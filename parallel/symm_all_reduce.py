@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from ..kernels.pdl import launch_kwargs
 from ..kernels.peer_slots import SendTarget
+from ..kernels.rmsnorm import norm_warps
 from ..kernels.switches import env_choice
 from .hosts import same_host
 
@@ -286,8 +287,8 @@ class SymmAllReduce:
                 x.stride(0), res.stride(0), out.stride(0), new_residual.stride(0), hidden,
                 eps, WORLD=h.world_size, HAS_BIAS=bias is not None,
                 HAS_RESIDUAL=residual is not None, SENT=sent,
-                BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8,
-                **launch_kwargs(x))
+                BLOCK=triton.next_power_of_2(hidden),
+                num_warps=norm_warps(triton.next_power_of_2(hidden)), **launch_kwargs(x))
         return out, new_residual
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
