@@ -41,7 +41,7 @@ class ForwardBatch(TensorDataclass):
     num_decodes: int = 0
     # at tp > 1, who samples this step's logits (SAMPLED_BY_*): rank 0 alone, or every rank
     # alike, taking the argmax of the logits every rank holds whole (see ModelRunner.follow)
-    sampled_by: int = 0
+    sampled_by: int = SAMPLED_BY_NONE
 
     @property
     def num_tokens(self) -> int:

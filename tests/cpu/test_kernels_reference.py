@@ -39,6 +39,34 @@ def test_rotary_matches_transformers():
     torch.testing.assert_close(got_k, want_k[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
+def test_qkv_rotate_and_store_twin_matches_transformers():
+    """The one-row q/k/v projection with rotary and the cache write (its plain-torch
+    twin): queries and keys as transformers rotates the biased projection's output,
+    values as projected, written at the token's slot and nowhere else; slot -1 writes
+    nothing."""
+    from tpserve.kernels.gemv_rotary import qkv_rotate_and_store
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rope_theta=500000.0)
+    rope = LlamaRotaryEmbedding(config)
+    nq, nkv, d = 4, 2, 16
+    x, w = torch.randn(1, 64), torch.randn((nq + 2 * nkv) * d, 64) / 8
+    bias, pos = torch.randn(w.shape[0]), torch.tensor([37])
+    cache = ref.build_cos_sin_cache(rope.inv_freq, 128, rope.attention_scaling)
+    q, k, v = (x @ w.T + bias).split([nq * d, nkv * d, nkv * d], dim=-1)
+    cos, sin = rope(q, pos[None])
+    want_q, want_k = apply_rotary_pos_emb(q.view(1, 1, nq, d).transpose(1, 2),
+                                          k.view(1, 1, nkv, d).transpose(1, 2), cos, sin)
+    for slot in (6, -1):
+        kc, vc = torch.zeros(3, 4, nkv, d), torch.zeros(3, 4, nkv, d)
+        got = qkv_rotate_and_store(x, w, bias, nq, nkv, pos, cache, kc, vc, torch.tensor([slot]))
+        torch.testing.assert_close(got, want_q[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+        want_kc, want_vc = torch.zeros(12, nkv, d), torch.zeros(12, nkv, d)
+        if slot >= 0:
+            want_kc[slot], want_vc[slot] = want_k[0, :, 0], v.view(nkv, d)
+        torch.testing.assert_close(kc.view(12, nkv, d), want_kc, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vc.view(12, nkv, d), want_vc, atol=1e-5, rtol=1e-5)
+
+
 def test_cos_sin_cache_applies_attention_scaling():
     inv = torch.tensor([1.0, 0.1])
     cache = ref.build_cos_sin_cache(inv, 4, attention_scaling=2.0)
