@@ -108,8 +108,8 @@ def qkv_rotate_and_store(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | 
         reference.store_kv_cache(k, v.reshape(1, num_kv, head_dim), k_cache, v_cache,
                                  slot_mapping)
         return q
-    check_store(x.new_empty(1, num_kv, head_dim), x.new_empty(1, num_kv, head_dim),
-                k_cache, v_cache, None, None, None)
+    kv = torch.empty(1, num_kv, head_dim, device="meta")  # the token's k/v, for the checks
+    check_store(kv, kv, k_cache, v_cache, None, None, None)
     x = x.contiguous()
     if w.stride(1) != 1:
         w = w.contiguous()

@@ -280,15 +280,14 @@ class SymmAllReduce:
         res = x if residual is None else residual
         out, new_residual = torch.empty_like(x), torch.empty_like(x)
         if rows:
-            h = self.handle
+            h, block = self.handle, triton.next_power_of_2(hidden)
             _all_reduce_add_rms_norm_kernel[(rows,)](
                 x, x if bias is None else bias, res, weight, out, new_residual,
                 h.buffer_ptrs_dev, self._half_offset(half), self.slot_numel, h.rank,
                 x.stride(0), res.stride(0), out.stride(0), new_residual.stride(0), hidden,
                 eps, WORLD=h.world_size, HAS_BIAS=bias is not None,
                 HAS_RESIDUAL=residual is not None, SENT=sent,
-                BLOCK=triton.next_power_of_2(hidden),
-                num_warps=norm_warps(triton.next_power_of_2(hidden)), **launch_kwargs(x))
+                BLOCK=block, num_warps=norm_warps(block), **launch_kwargs(x))
         return out, new_residual
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

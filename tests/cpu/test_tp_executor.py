@@ -191,7 +191,8 @@ def test_tp2_feeds_samples_of_every_rank_and_of_rank0_alike(llama_llm, tiny_hf, 
     import asyncio
 
     from tpserve.engine.async_engine import AsyncLLMEngine
-    from tpserve.engine.forward_batch import SAMPLED_BY_ALL, SAMPLED_BY_RANK0, mark_sampler
+    from tpserve.engine.forward_batch import (SAMPLED_BY_ALL, SAMPLED_BY_NONE, SAMPLED_BY_RANK0,
+                                              mark_sampler)
     from tpserve.engine.sampling_params import SamplingParams
 
     ref = hf_greedy(tiny_hf("llama")[1])[1]
@@ -233,7 +234,7 @@ def test_tp2_feeds_samples_of_every_rank_and_of_rank0_alike(llama_llm, tiny_hf, 
     assert got_greedy == ref[0]
     assert got_sampled == alone
     # both kinds of step ran, and the greedy-only steps came before and after the others
-    kinds = [m for m in marks if m != 0]
+    kinds = [m for m in marks if m != SAMPLED_BY_NONE]
     first = kinds.index(SAMPLED_BY_RANK0)
     last = len(kinds) - 1 - kinds[::-1].index(SAMPLED_BY_RANK0)
     assert SAMPLED_BY_ALL in kinds[:first] and SAMPLED_BY_ALL in kinds[last + 1:]
