@@ -23,7 +23,8 @@
 #        clean      remove the random workspaces ($BENCH_DIR, default /tmp/tpserve-bench)
 #
 # Logs go to $OUT (or ./gpu_logs). A machine without network can get Ray from a
-# tarball of site-packages at .raysite/ray-site.tar.xz (extracted to /tmp/site).
+# folder of wheels at .whl/ or a tarball of site-packages at .raysite/ray-site.tar.xz
+# (either goes to /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_logs}
@@ -35,8 +36,13 @@ if ! python3 -c "import tpserve.engine" 2>/dev/null; then
   mkdir -p /tmp/tpserve-path && ln -sfn "$PWD" /tmp/tpserve-path/tpserve
   export PYTHONPATH=/tmp/tpserve-path:${PYTHONPATH:-}
 fi
-if ! python3 -c "import ray" 2>/dev/null && [ -f .raysite/ray-site.tar.xz ]; then
-  mkdir -p /tmp/site && tar -xJf .raysite/ray-site.tar.xz -C /tmp/site
+if ! python3 -c "import ray" 2>/dev/null; then
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+  elif [ -f .raysite/ray-site.tar.xz ]; then
+    mkdir -p /tmp/site && tar -xJf .raysite/ray-site.tar.xz -C /tmp/site
+  fi
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
 fi
 export PYTHONPATH=$PWD/scripts:${PYTHONPATH:-}
