@@ -40,7 +40,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     k_scales: torch.Tensor | None = None,
                     v_scales: torch.Tensor | None = None,
                     static_params: tuple[float, float, float, float] | None = None,
-                    num_decodes: int = 0) -> torch.Tensor:
+                    num_decodes: int = 0,
+                    arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, nq, d] over the paged cache; returns [T, nq, d].
 
     ``static_params``: the calibrated (k_scale, k_zp, v_scale, v_zp) every token of an
@@ -50,7 +51,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     ``num_decodes``: how many requests from the first have one query token each. A
     batch that mixes them with prompt chunks runs them through the decode kernel,
-    which reads the cache faster than the prefill kernel does."""
+    which reads the cache faster than the prefill kernel does.
+
+    ``arrivals``: `attention_decode.arrival_counters` for at least the decode tokens,
+    so that decode merges its splits without a second kernel."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scales)
     decode = max_query_len == 1 and q.shape[0] == seq_lens.shape[0]
     if not use_triton(q):
@@ -66,13 +70,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return torch.empty_like(q)
     if decode:
         return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len,
-                                scale, sliding_window, k_scales, v_scales, static_params)
+                                scale, sliding_window, k_scales, v_scales, static_params,
+                                arrivals=arrivals)
     if 0 < num_decodes < seq_lens.shape[0]:
         d = num_decodes
         out = torch.empty_like(q)
         out[:d] = decode_attention(q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d],
                                    max_seq_len, scale, sliding_window, k_scales, v_scales,
-                                   static_params)
+                                   static_params, arrivals=arrivals)
         out[d:] = prefill_attention(q[d:], k_cache, v_cache, block_tables[d:], seq_lens[d:],
                                     query_start_loc[d:] - d, max_query_len, scale,
                                     sliding_window, k_scales, v_scales)

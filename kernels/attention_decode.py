@@ -2,11 +2,20 @@
 
 Flash-decoding: the context of each request is cut into splits, one program
 per (request, kv head, split) computes a partial softmax for all query heads of
-that kv head (GQA heads share each K/V read), and a reduce kernel merges the
-splits by their log-sum-exp. The split count depends only on the batch shape
+that kv head (GQA heads share each K/V read), and the splits are merged by their
+log-sum-exp. The split count depends only on the batch shape
 and the bound ``max_seq_len``, never on tensor contents (no host sync, and a
 CUDA graph captured with a large bound serves any shorter context); each
 program cuts its own sequence into that many equal parts by its actual length.
+
+Who merges: with one split, the program writes the result itself. With
+MERGE_MIN_SPLITS or more (small batches) and given `arrivals` (zeroed int32
+counters, one per request and kv head, that the kernel leaves zeroed:
+`arrival_counters`), each program counts itself in after it stores its part, and
+the last of a (request, kv head) to arrive merges the parts of the splits that
+held tokens; so the step has no second kernel, whose launch boundary costs more
+at batch 1 than the merge (docs/benchmarks.md: 1.1% of a tp=2 Llama-3-8B step on
+2 x H200). Otherwise a reduce kernel merges every split.
 """
 
 from __future__ import annotations
@@ -36,17 +45,20 @@ if HAS_TRITON:
     @triton.jit
     def _split_range(seq_lens_ptr, b, split, window, BLOCK_N: tl.constexpr,
                      HAS_WINDOW: tl.constexpr):
-        """(first visible token, begin, end) of request b's split: its visible context
-        cut into tl.num_programs(2) equal runs of whole tiles."""
+        """(first visible token, begin, end, splits that hold tokens) of request b's
+        split: its visible context cut into tl.num_programs(2) equal runs of whole
+        tiles; the splits from the fourth value on are empty."""
         seq_len = tl.load(seq_lens_ptr + b)
         kv_start = 0
         if HAS_WINDOW:
             kv_start = tl.maximum(seq_len - window, 0)
         first = (kv_start // BLOCK_N) * BLOCK_N
         tiles = tl.cdiv(seq_len - first, BLOCK_N)
-        tokens_per_split = tl.cdiv(tiles, tl.num_programs(2)) * BLOCK_N
+        tiles_per_split = tl.cdiv(tiles, tl.num_programs(2))
+        tokens_per_split = tiles_per_split * BLOCK_N
         begin = first + split * tokens_per_split
-        return kv_start, begin, tl.minimum(seq_len, begin + tokens_per_split)
+        used = tl.cdiv(tiles, tl.maximum(tiles_per_split, 1))
+        return kv_start, begin, tl.minimum(seq_len, begin + tokens_per_split), used
 
     @triton.jit
     def _int8_tile_loads(kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, offs, valid, kvh,
@@ -72,10 +84,11 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=PER_STEP_ARGS)
     def _decode_split_kernel(
             q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, po_ptr, pl_ptr,
-            scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
-            s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, head_dim,
-            k_scale_c, k_zp_c, v_scale_c, v_zp_c,
-            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr,
+            o_ptr, arrivals_ptr, scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
+            s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, so_t, so_h, head_dim,
+            k_scale_c, k_zp_c, v_scale_c, v_zp_c, MERGE: tl.constexpr, CHUNK: tl.constexpr,
+            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_P2: tl.constexpr,
+            D_PAD: tl.constexpr,
             BLOCK_N: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
             HAS_WINDOW: tl.constexpr, DEQUANT: tl.constexpr, STATIC: tl.constexpr,
             PREFETCH: tl.constexpr):
@@ -83,8 +96,8 @@ if HAS_TRITON:
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        kv_start, begin, end = _split_range(seq_lens_ptr, b, split, window, BLOCK_N,
-                                            HAS_WINDOW)
+        kv_start, begin, end, used = _split_range(seq_lens_ptr, b, split, window, BLOCK_N,
+                                                  HAS_WINDOW)
 
         g = tl.arange(0, GROUP_PAD)
         heads = kvh * GROUP + g
@@ -144,9 +157,9 @@ if HAS_TRITON:
         if STATIC:
             out = out * v_scale_c + tl.where(l_i > 0, v_zp_c, 0.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        po = po_ptr + b * s_po_b + heads[:, None] * s_po_h + split * s_po_s + cols[None, :]
-        tl.store(po, out, mask=qmask)
-        tl.store(pl_ptr + b * s_pl_b + heads * s_pl_h + split, lse, mask=g < GROUP)
+        _finish_split(out, lse, heads, g < GROUP, cols, dmask, b, used, po_ptr, pl_ptr, o_ptr,
+                      arrivals_ptr, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, so_t, so_h,
+                      head_dim, GROUP, GROUP_P2, CHUNK, D_PAD, MERGE)
 
     @triton.jit
     def _codes_to_units(c, ASM: tl.constexpr):
@@ -173,9 +186,9 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=PER_STEP_ARGS)
     def _decode_mha_int8_kernel(
             q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, seq_lens_ptr, po_ptr, pl_ptr,
-            scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
-            s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, head_dim,
-            k_scale_c, k_zp_c, v_scale_c, v_zp_c,
+            o_ptr, arrivals_ptr, scale_log2, window, sq_t, sq_h, s_tab, s_kb, s_ks, s_kh,
+            s_sb, s_ss, s_sh, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, so_t, so_h, head_dim,
+            k_scale_c, k_zp_c, v_scale_c, v_zp_c, MERGE: tl.constexpr, CHUNK: tl.constexpr,
             D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
             HAS_WINDOW: tl.constexpr, STATIC: tl.constexpr, ROWS: tl.constexpr,
             ASM: tl.constexpr):
@@ -191,8 +204,8 @@ if HAS_TRITON:
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         split = tl.program_id(2)
-        kv_start, begin, end = _split_range(seq_lens_ptr, b, split, window, BLOCK_N,
-                                            HAS_WINDOW)
+        kv_start, begin, end, used = _split_range(seq_lens_ptr, b, split, window, BLOCK_N,
+                                                  HAS_WINDOW)
         cols = tl.arange(0, D_PAD)
         dmask = cols < head_dim
         q = tl.load(q_ptr + b * sq_t + h * sq_h + cols, mask=dmask, other=0.0).to(tl.float32)
@@ -231,31 +244,85 @@ if HAS_TRITON:
         if STATIC:
             out = out * v_scale_c + tl.where(l_i > 0, v_zp_c, 0.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        po = po_ptr + b * s_po_b + h * s_po_h + split * s_po_s + cols[None, :]
-        tl.store(po, out, mask=dmask[None, :])
-        tl.store(pl_ptr + b * s_pl_b + h * s_pl_h + split + tl.arange(0, 1), lse)
+        one = tl.arange(0, 1)
+        _finish_split(out, lse, h + one, one == 0, cols, dmask, b, used, po_ptr, pl_ptr, o_ptr,
+                      arrivals_ptr, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, so_t, so_h,
+                      head_dim, 1, 1, CHUNK, D_PAD, MERGE)
+
+    @triton.jit
+    def _merge_splits(po_ptr, pl_ptr, o_ptr, b, kvh, used, s_po_b, s_po_h, s_po_s, s_pl_b,
+                      s_pl_h, so_t, so_h, head_dim, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+                      CHUNK: tl.constexpr, D_PAD: tl.constexpr):
+        """Merges splits [0, used) of kv head kvh's query heads of request b by their
+        log-sum-exp into the output, CHUNK splits a load. The parts come from other
+        programs: read past the L1 cache, which another SM's writes do not update."""
+        g = tl.arange(0, GROUP_P2)
+        heads = kvh * GROUP + g
+        hmask = g < GROUP
+        sp = tl.arange(0, CHUNK)
+        cols = tl.arange(0, D_PAD)
+        dmask = cols < head_dim
+        m = tl.full([GROUP_P2], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_P2], tl.float32)
+        acc = tl.zeros([GROUP_P2, D_PAD], tl.float32)
+        for s0 in range(0, used, CHUNK):
+            s = s0 + sp
+            smask = hmask[:, None] & (s < used)[None, :]
+            lse = tl.load(pl_ptr + b * s_pl_b + heads[:, None] * s_pl_h + s[None, :],
+                          mask=smask, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(po_ptr + b * s_po_b + heads[:, None, None] * s_po_h
+                        + s[None, :, None] * s_po_s + cols[None, None, :],
+                        mask=smask[:, :, None] & dmask[None, None, :], other=0.0,
+                        cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe[:, None])
+            total = total * alpha + tl.sum(w, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, axis=1)
+            m = m_new
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(o_ptr + b * so_t + heads[:, None] * so_h + cols[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _finish_split(out, lse, heads, hmask, cols, dmask, b, used, po_ptr, pl_ptr, o_ptr,
+                      arrivals_ptr, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h, so_t, so_h,
+                      head_dim, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+                      CHUNK: tl.constexpr, D_PAD: tl.constexpr, MERGE: tl.constexpr):
+        """A split program's end, its heads' softmax-weighted values `out` (normalized)
+        and their log2-sum-exp `lse` in hand. MERGE 2 (the only split): `out` is the
+        result. 0: the part is stored for the reduce kernel. 1: stored, then counted
+        in; the last program of (b, kv head) to arrive merges (module docstring)."""
+        mask = hmask[:, None] & dmask[None, :]
+        if MERGE == 2:
+            tl.store(o_ptr + b * so_t + heads[:, None] * so_h + cols[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=mask)
+        else:
+            split = tl.program_id(2)
+            tl.store(po_ptr + b * s_po_b + heads[:, None] * s_po_h + split * s_po_s
+                     + cols[None, :], out, mask=mask)
+            tl.store(pl_ptr + b * s_pl_b + heads * s_pl_h + split, lse, mask=hmask)
+            if MERGE == 1:
+                tl.debug_barrier()  # every thread's stores before the count (a release)
+                count = arrivals_ptr + b * tl.num_programs(1) + tl.program_id(1)
+                arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+                if arrived == tl.num_programs(2) - 1:
+                    tl.store(count, 0)  # zeroed for the next launch
+                    _merge_splits(po_ptr, pl_ptr, o_ptr, b, tl.program_id(1), used, s_po_b,
+                                  s_po_h, s_po_s, s_pl_b, s_pl_h, so_t, so_h, head_dim, GROUP,
+                                  GROUP_P2, CHUNK, D_PAD)
 
     @triton.jit(do_not_specialize=("num_splits", "s_po_b", "s_po_h", "s_pl_b", "s_pl_h"))
     def _decode_reduce_kernel(po_ptr, pl_ptr, out_ptr, num_splits, s_po_b, s_po_h, s_po_s,
-                              s_pl_b, s_pl_h, so_t, so_h, head_dim,
-                              SPLITS_PAD: tl.constexpr, D_PAD: tl.constexpr):
+                              s_pl_b, s_pl_h, so_t, so_h, head_dim, GROUP: tl.constexpr,
+                              GROUP_P2: tl.constexpr, CHUNK: tl.constexpr,
+                              D_PAD: tl.constexpr):
+        """One program per (request, kv head) merges all its splits (empty ones too)."""
         start()  # kernels/pdl.py
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        sp = tl.arange(0, SPLITS_PAD)
-        cols = tl.arange(0, D_PAD)
-        smask = sp < num_splits
-        lse = tl.load(pl_ptr + b * s_pl_b + h * s_pl_h + sp, mask=smask, other=float("-inf"))
-        m = tl.max(lse, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp2(lse - m)
-        mask = smask[:, None] & (cols[None, :] < head_dim)
-        o = tl.load(po_ptr + b * s_po_b + h * s_po_h + sp[:, None] * s_po_s + cols[None, :],
-                    mask=mask, other=0.0)
-        total = tl.sum(w, axis=0)
-        out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + b * so_t + h * so_h + cols, out.to(out_ptr.dtype.element_ty),
-                 mask=cols < head_dim)
+        _merge_splits(po_ptr, pl_ptr, out_ptr, tl.program_id(0).to(tl.int64),
+                      tl.program_id(1), num_splits, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h,
+                      so_t, so_h, head_dim, GROUP, GROUP_P2, CHUNK, D_PAD)
 
 
 def _num_splits(q, num_kv, max_seq_len, sliding_window, block_n) -> int:
@@ -320,12 +387,36 @@ STATIC_MHA_INT8_LAUNCH = DecodeLaunch(block_n=16, num_warps=1, num_stages=1, cud
 _CPU_LAUNCH = DecodeLaunch(block_n=16)
 
 
+def arrival_counters(max_tokens: int, num_kv: int, device: torch.device) -> torch.Tensor:
+    """The zeroed counters `decode_attention` merges its splits with in one kernel,
+    for up to max_tokens decode tokens of num_kv kv heads. The kernels leave them
+    zeroed; launches that share them must run one after another (one stream), as
+    the layers of a model do. Allocate them outside CUDA graph capture."""
+    return torch.zeros(max(1, max_tokens * num_kv), dtype=torch.int32, device=device)
+
+
+# float32 parts a thread loads in one step of a merge (its registers for them)
+MERGE_LOAD = 32
+# the fewest splits the split kernel merges itself (given counters); with fewer, each
+# program has more keys to read, and the merge's tail cost more than a kernel boundary
+MERGE_MIN_SPLITS = 8
+
+
+def _merge_chunk(group: int, d_pad: int, num_warps: int, splits: int) -> int:
+    """Splits a merge step loads: about MERGE_LOAD values a thread."""
+    fit = max(1, MERGE_LOAD * 32 * num_warps // (next_pow2(group) * d_pad))
+    return min(1 << (fit.bit_length() - 1), next_pow2(splits))
+
+
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
                      sliding_window, k_scales, v_scales,
                      static_params: tuple[float, float, float, float] | None = None,
-                     launch: DecodeLaunch | None = None) -> torch.Tensor:
+                     launch: DecodeLaunch | None = None,
+                     arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """``static_params`` (k_scale, k_zp, v_scale, v_zp): an int8 cache written with
-    these calibrated parameters for every token, so the per-token scales are not read."""
+    these calibrated parameters for every token, so the per-token scales are not read.
+    ``arrivals``: `arrival_counters` for at least this many tokens, so that the split
+    kernel merges its splits itself (module docstring); else a reduce kernel does."""
     num_tokens, num_q, head_dim = q.shape
     page, num_kv = k_cache.shape[1], k_cache.shape[2]
     group = num_q // num_kv
@@ -339,18 +430,32 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
                   else LAUNCH.get(k_cache.dtype, DEFAULT_LAUNCH))
     block_n = launch.block_n
     splits = _num_splits(q, num_kv, max_seq_len, sliding_window, block_n)
-    part_out = torch.empty(num_tokens, num_q, splits, head_dim, dtype=torch.float32,
-                           device=q.device)
-    part_lse = torch.empty(num_tokens, num_q, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    if splits == 1:
+        merge = 2  # the one split writes the output
+    elif (arrivals is not None and arrivals.numel() >= num_tokens * num_kv
+          and splits >= MERGE_MIN_SPLITS):
+        merge = 1  # the last split to finish merges
+    else:
+        merge = 0  # the reduce kernel merges
+    if merge == 2:
+        part_out = part_lse = out  # not written
+    else:
+        part_out = torch.empty(num_tokens, num_q, splits, head_dim, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(num_tokens, num_q, splits, dtype=torch.float32,
+                               device=q.device)
     ks = k_scales if quant else k_cache
     vs = v_scales if quant else v_cache
     d_pad = max(16, next_pow2(head_dim))
-    args = (q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_out, part_lse,
-            scale * math.log2(math.e), sliding_window or 0,
-            q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0),
-            k_cache.stride(1), k_cache.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-            part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1), head_dim,
+    chunk = _merge_chunk(group, d_pad, launch.num_warps, splits)
+    args = (q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_out, part_lse, out,
+            arrivals if merge == 1 else seq_lens, scale * math.log2(math.e),
+            sliding_window or 0, q.stride(0), q.stride(1), block_tables.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ks.stride(0),
+            ks.stride(1), ks.stride(2), part_out.stride(0), part_out.stride(1),
+            part_out.stride(-2 if merge == 2 else 2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1), head_dim,
             *[float(x) for x in (static_params or (1.0, 0.0, 1.0, 0.0))])
     grid = (num_tokens, num_kv, splits)
     static = quant and static_params is not None
@@ -358,21 +463,22 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
         # the tile rows its layout spreads over threads: 16-byte vectors across a row
         rows = min(block_n, max(1, 512 // d_pad) * launch.num_warps)
         _decode_mha_int8_kernel[grid](
-            *args, D_PAD=d_pad, BLOCK_N=block_n, PAGE=page,
+            *args, MERGE=merge, CHUNK=chunk, D_PAD=d_pad, BLOCK_N=block_n, PAGE=page,
             HAS_WINDOW=sliding_window is not None, STATIC=static, ROWS=rows, ASM=q.is_cuda,
             num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg,
             **launch_kwargs(q))
     else:
         _decode_split_kernel[grid](
-            *args, GROUP=group, GROUP_PAD=max(16, next_pow2(group)), D_PAD=d_pad,
-            BLOCK_N=block_n, PAGE=page, QUANT=quant, HAS_WINDOW=sliding_window is not None,
-            DEQUANT=launch.dequant if quant else 0, STATIC=static, PREFETCH=launch.prefetch,
-            num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg,
+            *args, MERGE=merge, CHUNK=chunk, GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
+            GROUP_P2=next_pow2(group), D_PAD=d_pad, BLOCK_N=block_n, PAGE=page, QUANT=quant,
+            HAS_WINDOW=sliding_window is not None, DEQUANT=launch.dequant if quant else 0,
+            STATIC=static, PREFETCH=launch.prefetch, num_warps=launch.num_warps,
+            num_stages=launch.num_stages, maxnreg=launch.maxnreg, **launch_kwargs(q))
+    if merge == 0:
+        _decode_reduce_kernel[(num_tokens, num_kv)](
+            part_out, part_lse, out, splits, part_out.stride(0), part_out.stride(1),
+            part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0),
+            out.stride(1), head_dim, GROUP=group, GROUP_P2=next_pow2(group),
+            CHUNK=_merge_chunk(group, d_pad, 4, splits), D_PAD=d_pad, num_warps=4,
             **launch_kwargs(q))
-    out = torch.empty_like(q)
-    _decode_reduce_kernel[(num_tokens, num_q)](
-        part_out, part_lse, out, splits, part_out.stride(0), part_out.stride(1),
-        part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0),
-        out.stride(1), head_dim, SPLITS_PAD=next_pow2(splits), D_PAD=d_pad, num_warps=4,
-        **launch_kwargs(q))
     return out

@@ -11,6 +11,7 @@ import torch
 import triton.testing
 
 import tpserve.kernels as K
+from tpserve.kernels.attention_decode import arrival_counters
 from tpserve.kernels.kv_cache import int8_scales
 from tpserve.kernels.testing import random_awq
 
@@ -99,19 +100,21 @@ def bench_store(t: int = 4096) -> None:
 
 
 def bench_decode(batch: int, ctx: int, int8: bool = False) -> None:
+    """With the splits merged by a reduce kernel and by the split kernel's last
+    program (arrival counters, the engine's way)."""
     kc, vc, ks, vs, tables = paged_cache(batch, ctx, int8)
     q = torch.randn(batch, NQ, D, **BF16)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEV)
-    ms = bench(lambda: K.paged_attention(q, kc, vc, tables, seq_lens, qsl, 1, ctx, D ** -0.5,
-                                         None, ks, vs))
     kv_bytes = 2 * batch * ctx * NKV * D * kc.element_size()
     if int8:
         kv_bytes += 2 * batch * ctx * NKV * 2 * 4
-    fn = lambda: K.paged_attention(q, kc, vc, tables, seq_lens, qsl, 1, ctx, D ** -0.5,  # noqa: E731
-                                   None, ks, vs)
-    report(f"decode attn B={batch} ctx={ctx} {'int8' if int8 else 'bf16'}", ms, kv_bytes,
-           f"eager {bench_eager(fn) * 1e3:.1f} us")
+    counters = arrival_counters(batch, NKV, DEV)
+    for merge, arrivals in (("reduce kernel", None), ("merged in-kernel", counters)):
+        fn = lambda: K.paged_attention(q, kc, vc, tables, seq_lens, qsl, 1, ctx,  # noqa: E731
+                                       D ** -0.5, None, ks, vs, arrivals=arrivals)
+        report(f"decode attn B={batch} ctx={ctx} {'int8' if int8 else 'bf16'} {merge}",
+               bench(fn), kv_bytes, f"eager {bench_eager(fn) * 1e3:.1f} us")
 
 
 def bench_prefill(ctx: int) -> None:
@@ -152,7 +155,7 @@ def main() -> None:
     report("device-to-device copy 512 MiB", 2 * 512 * 2**20 / COPY_GBS / 1e6,
            2 * 512 * 2**20)
     sections = [bench_elementwise, bench_store]
-    for batch, ctx in ((1, 4096), (16, 4096), (64, 2048), (1, 32768)):
+    for batch, ctx in ((1, 256), (1, 4096), (16, 4096), (64, 2048), (1, 32768)):
         sections.append(lambda b=batch, c=ctx: bench_decode(b, c))
     sections += [lambda: bench_decode(16, 4096, int8=True), lambda: bench_prefill(4096),
                  bench_w4a16]

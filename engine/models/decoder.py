@@ -74,7 +74,7 @@ class Attention(nn.Module):
         out = paged_attention(q, kv.k, kv.v, batch.block_tables, batch.seq_lens,
                               batch.query_start_loc, batch.max_query_len, batch.max_seq_len,
                               self.scale, self.sliding_window, kv.k_scales, kv.v_scales,
-                              kv.static_params, batch.num_decodes)
+                              kv.static_params, batch.num_decodes, kv.arrivals)
         return out.reshape(q.shape[0], -1)
 
 

@@ -199,6 +199,26 @@ PREFILL_CASES = [
 ]
 
 
+def _merge_by_arrivals(name, torch, kernels, args, decodes, want):
+    """paged_attention with arrival counters: the split kernel merges its splits (in
+    one load and in one split a step, from two splits on), and leaves the counters
+    zeroed."""
+    from tpserve.kernels import attention_decode
+    from tpserve.kernels.attention_decode import arrival_counters
+    arrivals = arrival_counters(decodes, args[1].shape[2], args[0].device)
+    loose = args[:7] + (4 * args[7] + 100,) + args[8:]
+    saved = attention_decode.MERGE_LOAD, attention_decode.MERGE_MIN_SPLITS
+    for merge_load, bound in itertools.product((32, 1), (args, loose)):
+        attention_decode.MERGE_LOAD, attention_decode.MERGE_MIN_SPLITS = merge_load, 2
+        try:
+            got = kernels.paged_attention(*bound, num_decodes=decodes, arrivals=arrivals)
+        finally:
+            attention_decode.MERGE_LOAD, attention_decode.MERGE_MIN_SPLITS = saved
+        _close(f"paged_attention {name} merged by arrivals ({merge_load})", got, want,
+               2e-3, 1e-2)
+        assert not arrivals.any(), f"{name}: counters left {arrivals.tolist()}"
+
+
 def _attention(torch, kernels, ref, cases):
     from tpserve.kernels.testing import make_paged_problem
     for i, (seqs, qlens, nq, nkv, d, window) in enumerate(cases):
@@ -211,6 +231,8 @@ def _attention(torch, kernels, ref, cases):
             decodes = next((b for b, n in enumerate(qlens) if n != 1), len(qlens))
             _close(f"paged_attention case {i} int8={int8}",
                    kernels.paged_attention(*args, num_decodes=decodes), want, 2e-3, 1e-2)
+            if decodes:  # the last split program merges, at tight and loose bounds
+                _merge_by_arrivals(f"case {i} int8={int8}", torch, kernels, args, decodes, want)
             if int8 and max(qlens) > 1 and decodes == 0:  # every int8 prefill dequantization
                 from tpserve.kernels.attention_prefill import PrefillLaunch, prefill_attention
                 for dequant in (0, 1, 2, 3):

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import tpserve.kernels as kernels
+from tpserve.kernels import attention_decode
 from tpserve.kernels import reference as ref
-from tpserve.kernels.attention_decode import DecodeLaunch, decode_attention
+from tpserve.kernels.attention_decode import DecodeLaunch, arrival_counters, decode_attention
 from tpserve.kernels.attention_prefill import PrefillLaunch, prefill_attention
 from tpserve.kernels.testing import make_paged_problem, random_awq
 
@@ -69,7 +70,7 @@ ATTENTION = [  # seq_lens, query_lens, window
 
 @pytest.mark.parametrize("int8", [False, True, "static"])
 @pytest.mark.parametrize("case", range(len(ATTENTION)))
-def test_paged_attention(case, int8):
+def test_paged_attention(case, int8, monkeypatch):
     seqs, qlens, window = ATTENTION[case]
     static = (0.03, 0.1, 0.02, -0.05) if int8 == "static" else None
     p = make_paged_problem(seqs, qlens, NQ, NKV, D, BLOCK, int8=bool(int8), seed=case,
@@ -81,6 +82,13 @@ def test_paged_attention(case, int8):
     decodes = next((b for b, n in enumerate(qlens) if n != 1), len(qlens))
     _close(kernels.paged_attention(*args, static_params=static, num_decodes=decodes), want,
            1e-2, 2e-2)
+    if decodes:  # the split kernel's last program merges (the engine's way at batch 1)
+        monkeypatch.setattr(attention_decode, "MERGE_MIN_SPLITS", 2)
+        arrivals = arrival_counters(decodes, NKV, p.q.device)
+        for _ in range(2):  # the counters are left zeroed for the next launch
+            _close(kernels.paged_attention(*args, static_params=static, num_decodes=decodes,
+                                           arrivals=arrivals), want, 1e-2, 2e-2)
+        assert not arrivals.any()
     if int8 and max(qlens) == 1:  # each way decode can read int8
         for dequant, prefetch in ((0, False), (1, False), (2, False), (2, True)):
             launch = DecodeLaunch(block_n=128, num_stages=1, dequant=dequant, prefetch=prefetch)
@@ -96,7 +104,7 @@ def test_paged_attention(case, int8):
 
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("case", [0, 1])
-def test_decode_mha_int8_cuda_cores(case, static):
+def test_decode_mha_int8_cuda_cores(case, static, monkeypatch):
     """One query head per kv head (Llama-2's layout): int8 decode on CUDA cores, the
     default for MHA with per-token or calibrated scales, at several tiles and warps,
     against the float reference and the tensor-core kernel."""
@@ -114,6 +122,11 @@ def test_decode_mha_int8_cuda_cores(case, static):
                    DecodeLaunch(block_n=128, num_stages=1, dequant=2)):
         got = decode_attention(*args[:5], *args[7:], static_params=params, launch=launch)
         _close(got, want, 1e-2, 2e-2)
+    monkeypatch.setattr(attention_decode, "MERGE_MIN_SPLITS", 2)  # merged by the last split
+    arrivals = arrival_counters(len(seqs), NQ, p.q.device)
+    got = decode_attention(*args[:5], *args[7:], static_params=params, arrivals=arrivals)
+    _close(got, want, 1e-2, 2e-2)
+    assert not arrivals.any()
 
 
 @pytest.mark.parametrize("static", [False, True])
