@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Times launch configurations of the kernels whose defaults are a guess, on one GPU.
 
-    python3 scripts/tune_kernels.py [--quick] [--only decode|w4a16|w4a16-splits|gemv]
+    python3 scripts/tune_kernels.py [--quick]
+        [--only decode|w4a16|w4a16-splits|gemv|gemv-rotary]
 
 - int8-KV decode attention (kernels/attention_decode.py, `LAUNCH`): keys per
   tile, warps, stages and the way it dequantizes, at the Llama-3-8B head layout
@@ -18,7 +19,10 @@
   on the Llama-3-8B matrices whole and halved for tp=2, with the weights read from
   memory, not L2 (`--only gemv`). Every launch keeps the default `preload`: what
   preloading buys is overlap with the kernel before, which a GEMV timed alone
-  cannot show (time it in a whole step: `scripts/gpu_check.sh ab`).
+  cannot show (time it in a whole step: `scripts/gpu_check.sh ab`);
+- the q/k/v GEMV with rotary and the cache write (kernels/gemv_rotary.py, `LAUNCH`)
+  at the Llama-3-8B heads whole (32 q, 8 kv) and halved for tp=2, the same way
+  (`--only gemv-rotary`).
 
 Every configuration's output is checked against the default's; the table shows
 the default, the best and the gain. Copy the winners into the kernels' tables.
@@ -202,6 +206,50 @@ def tune_gemv(quick: bool) -> list:
     return rows
 
 
+def tune_gemv_rotary(quick: bool) -> list:
+    from tpserve.kernels import build_cos_sin_cache, gemv_rotary
+
+    rows = []
+    grid = list(itertools.product((1, 2, 4), (512, 1024, 2048) if not quick else (1024,),
+                                  (1, 2, 4, 8) if not quick else (2, 4)))
+    cos_sin = build_cos_sin_cache(torch.rand(D // 2, device="cuda"), 8192)
+    pos = torch.tensor([4000], device="cuda")
+    slot = torch.tensor([70], device="cuda")
+    for nq, nkv in ((NQ, NKV), (NQ // 2, NKV // 2)):  # tp=1, tp=2
+        k = 4096
+        x = torch.randn(1, k, **BF16)
+        w = torch.randn((nq + 2 * nkv) * D, k, **BF16) / k ** 0.5
+        kc, vc = (torch.zeros(4, 64, nkv, D, **BF16) for _ in range(2))
+
+        def run(c, **cfg):
+            return gemv_rotary.qkv_rotate_and_store(x, c, None, nq, nkv, pos, cos_sin, kc, vc,
+                                                    slot, **cfg)
+        want = run(w)
+
+        def copies_of(c, w=w):
+            return [w.clone() for _ in range(c)]
+        name = f"gemv_rotary {nq}/{nkv} heads"
+        base = bench_cold(lambda c: run(c), w.numel() * 2, copies_of)
+        best, best_us = dict(gemv_rotary.LAUNCH), base
+        for pairs, bk, nw in grid:
+            cfg = dict(pairs=pairs, block_k=bk, num_warps=nw)
+            try:
+                torch.testing.assert_close(run(w, **cfg).float(), want.float(), atol=2e-2,
+                                           rtol=2e-2)
+                us = bench_cold(lambda c: run(c, **cfg), w.numel() * 2, copies_of)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  {name} {cfg}: skipped ({str(exc).splitlines()[0][:80]})")
+                continue
+            print(f"  {name} {cfg}: {us:.1f} us", flush=True)
+            if us < best_us:
+                best, best_us = cfg, us
+        tbs = w.numel() * 2 / best_us / 1e6
+        print(f"{name}: default {base:.1f} us, best {best_us:.1f} us ({tbs:.2f} TB/s) {best}",
+              flush=True)
+        rows.append((name, base, best, best_us))
+    return rows
+
+
 def tune_w4a16_splits(quick: bool) -> list:
     """The W4A16 GEMM's K split (`GemmLaunch.splits`, 0: `w4a16._splits`' rule) over the
     Llama-3-8B layers whole and halved for tp=2, at 8, 32 and 64 rows (and one with
@@ -240,7 +288,7 @@ def tune_w4a16_splits(quick: bool) -> list:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smaller grid")
-    p.add_argument("--only", choices=("decode", "w4a16", "w4a16-splits", "gemv"),
+    p.add_argument("--only", choices=("decode", "w4a16", "w4a16-splits", "gemv", "gemv-rotary"),
                    help="tune one kernel")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -248,7 +296,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
     tuners = {"decode": tune_decode, "w4a16": tune_w4a16, "w4a16-splits": tune_w4a16_splits,
-              "gemv": tune_gemv}
+              "gemv": tune_gemv, "gemv-rotary": tune_gemv_rotary}
     rows = [row for name, tune in tuners.items() if args.only in (None, name)
             for row in tune(args.quick)]
     print("\nsummary")
