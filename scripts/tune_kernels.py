@@ -164,6 +164,30 @@ def bench_cold(fn, nbytes: int, copies_of) -> float:
     return triton.testing.do_bench(graph.replay, rep=100, return_mode="median") * 1e3 / len(copies)
 
 
+def sweep_cold(name: str, run, default: dict, launches: list[dict], w: torch.Tensor,
+               copies_of) -> tuple[str, float, dict, float]:
+    """`sweep` for one-row kernels over a 16-bit weight w, read from memory: run(w_copy,
+    **launch) for each launch, checked against the default's output."""
+    want = run(w, **default)
+    base = bench_cold(lambda c: run(c, **default), w.numel() * 2, copies_of)
+    best, best_us = default, base
+    for cfg in launches:
+        try:
+            torch.testing.assert_close(run(w, **cfg).float(), want.float(), atol=2e-2,
+                                       rtol=2e-2)
+            us = bench_cold(lambda c: run(c, **cfg), w.numel() * 2, copies_of)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  {name} {cfg}: skipped ({str(exc).splitlines()[0][:80]})")
+            continue
+        print(f"  {name} {cfg}: {us:.1f} us", flush=True)
+        if us < best_us:
+            best, best_us = cfg, us
+    tbs = w.numel() * 2 / best_us / 1e6
+    print(f"{name}: default {base:.1f} us, best {best_us:.1f} us ({tbs:.2f} TB/s) {best}",
+          flush=True)
+    return name, base, best, best_us
+
+
 def tune_gemv(quick: bool) -> list:
     from tpserve.kernels import gemv
 
@@ -180,29 +204,13 @@ def tune_gemv(quick: bool) -> list:
                 continue  # only [gate | up] shapes
             x = torch.randn(1, k, **BF16)
             w = torch.randn(n, k, **BF16) / k ** 0.5
-            want = fn(x, w)
 
             def copies_of(c, w=w):
                 return [w.clone() for _ in range(c)]
             name = f"{'gemv_silu_mul' if silu else 'gemv'} {n}x{k}"
-            base = bench_cold(lambda c: fn(x, c, **default), w.numel() * 2, copies_of)
-            best, best_us = default, base
-            for bn, bk, nw in grid:
-                cfg = dict(block_n=bn, block_k=bk, num_warps=nw)
-                try:
-                    torch.testing.assert_close(fn(x, w, **cfg).float(), want.float(),
-                                               atol=2e-2, rtol=2e-2)
-                    us = bench_cold(lambda c: fn(x, c, **cfg), w.numel() * 2, copies_of)
-                except Exception as exc:  # noqa: BLE001
-                    print(f"  {name} {cfg}: skipped ({str(exc).splitlines()[0][:80]})")
-                    continue
-                print(f"  {name} {cfg}: {us:.1f} us", flush=True)
-                if us < best_us:
-                    best, best_us = cfg, us
-            tbs = w.numel() * 2 / best_us / 1e6
-            print(f"{name}: default {base:.1f} us, best {best_us:.1f} us ({tbs:.2f} TB/s) {best}",
-                  flush=True)
-            rows.append((name, base, best, best_us))
+            launches = [dict(block_n=bn, block_k=bk, num_warps=nw) for bn, bk, nw in grid]
+            rows.append(sweep_cold(name, lambda c, **cfg: fn(x, c, **cfg), default, launches,
+                                   w, copies_of))
     return rows
 
 
@@ -224,29 +232,12 @@ def tune_gemv_rotary(quick: bool) -> list:
         def run(c, **cfg):
             return gemv_rotary.qkv_rotate_and_store(x, c, None, nq, nkv, pos, cos_sin, kc, vc,
                                                     slot, **cfg)
-        want = run(w)
 
         def copies_of(c, w=w):
             return [w.clone() for _ in range(c)]
-        name = f"gemv_rotary {nq}/{nkv} heads"
-        base = bench_cold(lambda c: run(c), w.numel() * 2, copies_of)
-        best, best_us = dict(gemv_rotary.LAUNCH), base
-        for pairs, bk, nw in grid:
-            cfg = dict(pairs=pairs, block_k=bk, num_warps=nw)
-            try:
-                torch.testing.assert_close(run(w, **cfg).float(), want.float(), atol=2e-2,
-                                           rtol=2e-2)
-                us = bench_cold(lambda c: run(c, **cfg), w.numel() * 2, copies_of)
-            except Exception as exc:  # noqa: BLE001
-                print(f"  {name} {cfg}: skipped ({str(exc).splitlines()[0][:80]})")
-                continue
-            print(f"  {name} {cfg}: {us:.1f} us", flush=True)
-            if us < best_us:
-                best, best_us = cfg, us
-        tbs = w.numel() * 2 / best_us / 1e6
-        print(f"{name}: default {base:.1f} us, best {best_us:.1f} us ({tbs:.2f} TB/s) {best}",
-              flush=True)
-        rows.append((name, base, best, best_us))
+        launches = [dict(pairs=p, block_k=bk, num_warps=nw) for p, bk, nw in grid]
+        rows.append(sweep_cold(f"gemv_rotary {nq}/{nkv} heads", run, dict(gemv_rotary.LAUNCH),
+                               launches, w, copies_of))
     return rows
 
 
