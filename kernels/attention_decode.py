@@ -438,23 +438,24 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
         merge = 1  # the last split to finish merges
     else:
         merge = 0  # the reduce kernel merges
-    if merge == 2:
-        part_out = part_lse = out  # not written
+    if merge == 2:  # no parts (the pointers are placeholders)
+        part_out = part_lse = out
+        part_strides = (0,) * 5
     else:
         part_out = torch.empty(num_tokens, num_q, splits, head_dim, dtype=torch.float32,
                                device=q.device)
         part_lse = torch.empty(num_tokens, num_q, splits, dtype=torch.float32,
                                device=q.device)
+        part_strides = (*part_out.stride()[:3], *part_lse.stride()[:2])
     ks = k_scales if quant else k_cache
     vs = v_scales if quant else v_cache
     d_pad = max(16, next_pow2(head_dim))
     chunk = _merge_chunk(group, d_pad, launch.num_warps, splits)
     args = (q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_out, part_lse, out,
-            arrivals if merge == 1 else seq_lens, scale * math.log2(math.e),
-            sliding_window or 0, q.stride(0), q.stride(1), block_tables.stride(0),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ks.stride(0),
-            ks.stride(1), ks.stride(2), part_out.stride(0), part_out.stride(1),
-            part_out.stride(-2 if merge == 2 else 2), part_lse.stride(0), part_lse.stride(1),
+            arrivals if merge == 1 else seq_lens,  # (a placeholder pointer when unused)
+            scale * math.log2(math.e), sliding_window or 0, q.stride(0), q.stride(1),
+            block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            ks.stride(0), ks.stride(1), ks.stride(2), *part_strides,
             out.stride(0), out.stride(1), head_dim,
             *[float(x) for x in (static_params or (1.0, 0.0, 1.0, 0.0))])
     grid = (num_tokens, num_kv, splits)

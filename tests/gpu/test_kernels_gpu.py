@@ -65,6 +65,7 @@ ATTENTION = [  # seq_lens, query_lens, window
     ([600, 4100, 77], [600, 300, 1], None),
     ([4100, 77, 3000, 600], [1, 1, 1, 300], None),  # decodes first: run as decodes
     ([2500, 1200], [700, 1200], 512),
+    ([37 + 29 * i for i in range(40)], [1] * 40, None),  # one split: no parts to merge
 ]
 
 
