@@ -315,14 +315,15 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=("num_splits", "s_po_b", "s_po_h", "s_pl_b", "s_pl_h"))
     def _decode_reduce_kernel(po_ptr, pl_ptr, out_ptr, num_splits, s_po_b, s_po_h, s_po_s,
-                              s_pl_b, s_pl_h, so_t, so_h, head_dim, GROUP: tl.constexpr,
-                              GROUP_P2: tl.constexpr, CHUNK: tl.constexpr,
+                              s_pl_b, s_pl_h, so_t, so_h, head_dim, CHUNK: tl.constexpr,
                               D_PAD: tl.constexpr):
-        """One program per (request, kv head) merges all its splits (empty ones too)."""
+        """One program per (request, query head) merges all its splits (empty ones
+        too), CHUNK of them a load: many small programs, which a separate kernel with
+        few splits wants (one per kv head was slower, `docs/benchmarks.md`)."""
         start()  # kernels/pdl.py
         _merge_splits(po_ptr, pl_ptr, out_ptr, tl.program_id(0).to(tl.int64),
                       tl.program_id(1), num_splits, s_po_b, s_po_h, s_po_s, s_pl_b, s_pl_h,
-                      so_t, so_h, head_dim, GROUP, GROUP_P2, CHUNK, D_PAD)
+                      so_t, so_h, head_dim, 1, 1, CHUNK, D_PAD)
 
 
 def _num_splits(q, num_kv, max_seq_len, sliding_window, block_n) -> int:
@@ -476,10 +477,9 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, s
             STATIC=static, PREFETCH=launch.prefetch, num_warps=launch.num_warps,
             num_stages=launch.num_stages, maxnreg=launch.maxnreg, **launch_kwargs(q))
     if merge == 0:
-        _decode_reduce_kernel[(num_tokens, num_kv)](
+        _decode_reduce_kernel[(num_tokens, num_q)](
             part_out, part_lse, out, splits, part_out.stride(0), part_out.stride(1),
             part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0),
-            out.stride(1), head_dim, GROUP=group, GROUP_P2=next_pow2(group),
-            CHUNK=_merge_chunk(group, d_pad, 4, splits), D_PAD=d_pad, num_warps=4,
+            out.stride(1), head_dim, CHUNK=next_pow2(splits), D_PAD=d_pad, num_warps=4,
             **launch_kwargs(q))
     return out
