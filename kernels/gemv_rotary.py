@@ -21,8 +21,20 @@ from ._dispatch import HAS_TRITON, cdiv, use_triton
 from .kv_cache import check_store
 from .pdl import launch_kwargs
 
-# pairs of rows a program (2 * pairs rows, as gemv's block_n = 4)
-LAUNCH = dict(pairs=2, block_k=1024, num_warps=2, preload=2)
+# pairs: pairs of rows a program. Chosen by the rows of the [q | k | v] weight
+# (`launch_for`); whole-step A/B at batch 1, Llama-3-8B shape, one H200 of 2 x H200
+# (docs/benchmarks.md): 6144 rows (32/8 heads, tp=1) with LAUNCH 3.85 ms a token
+# against 3.93 with 2 pairs and 1024-wide tiles; 3072 rows (16/4, tp=2) with
+# FEW_ROWS_LAUNCH 2.284 ms against 2.293 (2 pairs, 1024 wide) and 2.327 (LAUNCH):
+# fewer programs, so each keeps more bytes in flight.
+LAUNCH = dict(pairs=1, block_k=512, num_warps=2, preload=2)
+FEW_ROWS_LAUNCH = dict(pairs=1, block_k=1024, num_warps=4, preload=2)
+FEW_ROWS = 4096
+
+
+def launch_for(rows: int) -> dict:
+    """The default launch for a [q | k | v] weight of this many rows."""
+    return FEW_ROWS_LAUNCH if rows < FEW_ROWS else LAUNCH
 
 if HAS_TRITON:
     import triton
@@ -85,12 +97,12 @@ def qkv_rotate_and_store(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | 
                          num_q: int, num_kv: int, positions: torch.Tensor,
                          cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                         pairs: int = LAUNCH["pairs"], block_k: int = LAUNCH["block_k"],
-                         num_warps: int = LAUNCH["num_warps"],
-                         preload: int = LAUNCH["preload"]) -> torch.Tensor:
+                         pairs: int | None = None, block_k: int | None = None,
+                         num_warps: int | None = None,
+                         preload: int | None = None) -> torch.Tensor:
     """[q | k | v] = x [1, K] @ w [N, K].T (+ bias), then `rotate_and_store` of one
     token: returns the rotated queries [1, num_q, head_dim]; keys and values go to
-    the cache at slot_mapping[0]."""
+    the cache at slot_mapping[0]. The launch arguments left None take `launch_for(N)`."""
     head_dim = k_cache.shape[-1]
     n = (num_q + 2 * num_kv) * head_dim
     if x.dim() != 2 or x.shape[0] != 1 or w.shape != (n, x.shape[1]) or head_dim % 2:
@@ -116,10 +128,13 @@ def qkv_rotate_and_store(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | 
     cache = cos_sin_cache.float().contiguous()
     q_out = torch.empty(1, num_q, head_dim, dtype=x.dtype, device=x.device)
     num_pairs = n // 2
-    _qkv_rotary_store_kernel[(cdiv(num_pairs, pairs),)](
+    given = dict(pairs=pairs, block_k=block_k, num_warps=num_warps, preload=preload)
+    launch = {**launch_for(n), **{k: v for k, v in given.items() if v is not None}}
+    _qkv_rotary_store_kernel[(cdiv(num_pairs, launch["pairs"]),)](
         x, w, bias if bias is not None else w, q_out, positions, cache, k_cache, v_cache,
         slot_mapping, x.shape[1], w.stride(0), cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), num_pairs, num_q * head_dim, num_kv * head_dim,
-        HALF=head_dim // 2, PAIRS=pairs, HAS_BIAS=bias is not None, BLOCK_K=block_k,
-        PRELOAD=preload, num_warps=num_warps, **launch_kwargs(x))
+        HALF=head_dim // 2, PAIRS=launch["pairs"], HAS_BIAS=bias is not None,
+        BLOCK_K=launch["block_k"], PRELOAD=launch["preload"], num_warps=launch["num_warps"],
+        **launch_kwargs(x))
     return q_out

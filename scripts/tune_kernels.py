@@ -20,7 +20,7 @@
   memory, not L2 (`--only gemv`). Every launch keeps the default `preload`: what
   preloading buys is overlap with the kernel before, which a GEMV timed alone
   cannot show (time it in a whole step: `scripts/gpu_check.sh ab`);
-- the q/k/v GEMV with rotary and the cache write (kernels/gemv_rotary.py, `LAUNCH`)
+- the q/k/v GEMV with rotary and the cache write (kernels/gemv_rotary.py, `launch_for`)
   at the Llama-3-8B heads whole (32 q, 8 kv) and halved for tp=2, the same way
   (`--only gemv-rotary`).
 
@@ -236,7 +236,7 @@ def tune_gemv_rotary(quick: bool) -> list:
         def copies_of(c, w=w):
             return [w.clone() for _ in range(c)]
         launches = [dict(pairs=p, block_k=bk, num_warps=nw) for p, bk, nw in grid]
-        rows.append(sweep_cold(f"gemv_rotary {nq}/{nkv} heads", run, dict(gemv_rotary.LAUNCH),
+        rows.append(sweep_cold(f"gemv_rotary {nq}/{nkv} heads", run, gemv_rotary.launch_for(w.shape[0]),
                                launches, w, copies_of))
     return rows
 
