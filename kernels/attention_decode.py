@@ -13,9 +13,11 @@ MERGE_MIN_SPLITS or more (small batches) and given `arrivals` (zeroed int32
 counters, one per request and kv head, that the kernel leaves zeroed:
 `arrival_counters`), each program counts itself in after it stores its part, and
 the last of a (request, kv head) to arrive merges the parts of the splits that
-held tokens; so the step has no second kernel, whose launch boundary costs more
-at batch 1 than the merge (docs/benchmarks.md: 1.1% of a tp=2 Llama-3-8B step on
-2 x H200). Otherwise a reduce kernel merges every split.
+held tokens; so the step has no second kernel. Timed alone it wins where each
+split reads many tiles (long contexts) and loses where it reads few; at short
+contexts whole steps came out the same either way (docs/benchmarks.md).
+Otherwise a reduce kernel, one program per (request, query head), merges every
+split.
 """
 
 from __future__ import annotations
