@@ -79,8 +79,12 @@ def load_tokenizer(folder: Path, kind: str = "hf"):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as exc:
         raise ModelFormatError(f"cannot load the tokenizer in {folder} ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}); the model "
                                f"folder needs its tokenizer files") from None
+    # the engine checks lengths against its own context (with a message that says what
+    # to do); transformers' warning past the model's maximum would only add noise
+    tokenizer.model_max_length = int(1e30)
+    return tokenizer

@@ -86,9 +86,13 @@ def load_causal_lm(model_path: str, dtype: torch.dtype) -> nn.Module:
 
 
 def load_tokenizer(model_path: str):
+    """The model's tokenizer, for whole texts that the caller cuts into windows: so
+    no limit on length (transformers would warn past the model's maximum)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    tokenizer.model_max_length = int(1e30)  # transformers' own "no limit"
+    return tokenizer
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
