@@ -21,8 +21,8 @@ from ._dispatch import HAS_TRITON, cdiv, use_triton
 from .kv_cache import check_store
 from .pdl import launch_kwargs
 
-# pairs: pairs of rows a program. Chosen by the rows of the [q | k | v] weight
-# (`launch_for`); whole-step A/B at batch 1, Llama-3-8B shape, one H200 of 2 x H200
+# The launch (pairs: row pairs a program) is chosen by the rows of the [q | k | v]
+# weight (`launch_for`). Whole-step A/B at batch 1, Llama-3-8B shape, one H200 of 2 x H200
 # (docs/benchmarks.md): 6144 rows (32/8 heads, tp=1) with LAUNCH 3.85 ms a token
 # against 3.93 with 2 pairs and 1024-wide tiles; 3072 rows (16/4, tp=2) with
 # FEW_ROWS_LAUNCH 2.284 ms against 2.293 (2 pairs, 1024 wide) and 2.327 (LAUNCH):

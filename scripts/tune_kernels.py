@@ -236,8 +236,9 @@ def tune_gemv_rotary(quick: bool) -> list:
         def copies_of(c, w=w):
             return [w.clone() for _ in range(c)]
         launches = [dict(pairs=p, block_k=bk, num_warps=nw) for p, bk, nw in grid]
-        rows.append(sweep_cold(f"gemv_rotary {nq}/{nkv} heads", run, gemv_rotary.launch_for(w.shape[0]),
-                               launches, w, copies_of))
+        default = dict(gemv_rotary.launch_for(w.shape[0]))
+        rows.append(sweep_cold(f"gemv_rotary {nq}/{nkv} heads", run, default, launches, w,
+                               copies_of))
     return rows
 
 
