@@ -13,7 +13,8 @@ split, float32 partial sums are added up in a fixed order by a small kernel
 (deterministic results).
 (Batches of up to 4 rows in bf16 go to PyTorch's int4 matmul instead, see
 int4_tinygemm.py: none of the Triton GEMVs tried here beat about 1 TB/s of
-4-bit weights, docs/benchmarks.md.)
+4-bit weights, docs/benchmarks.md. Prompt chunks of more than FUSED_MAX_ROWS rows
+dequantize the weight in a separate kernel and run the dense GEMM.)
 """
 
 from __future__ import annotations
@@ -25,13 +26,29 @@ import torch
 
 from . import reference
 from ._dispatch import HAS_TRITON, cdiv, num_sms, use_triton
-from .reference import awq_dequantize
-
 __all__ = ["w4a16_gemm", "awq_dequantize"]
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _spread8(words):
+        """Each packed word repeated over its 8 columns along the last axis (three
+        interleaves): word c at columns 8c .. 8c+7."""
+        words = tl.interleave(words, words)
+        words = tl.interleave(words, words)
+        return tl.interleave(words, words)
+
+    @triton.jit
+    def _codes_minus_zeros(words, zero_words, shift):
+        """q - z as float32, the nibbles at `shift` of the packed words and of their zero
+        points' words:
+        ``0x4B000000 | q`` is the float 2^23 + q, so the difference is exact without an
+        int->float conversion."""
+        q = ((words >> shift) & 0xF) | 0x4B000000
+        z = ((zero_words >> shift) & 0xF) | 0x4B000000
+        return q.to(tl.float32, bitcast=True) - z.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _store_unpacked(out, a0, a1, a2, a3, a4, a5, a6, a7, mask):
@@ -59,9 +76,8 @@ if HAS_TRITON:
         16-bit value OFFSET + q exactly, and the zero point, the offset and the scale
         are applied to the [BLOCK_M, BLOCK_NP] product instead of to every weight:
         ``x . ((q - z) s) = s (x . (OFFSET + q) - (OFFSET + z) sum(x))`` within a group
-        (xsum: x's rows summed over this K step). MAGIC == 0 dequantizes every weight:
-        ``0x4B000000 | q`` is the float 2^23 + q, so the difference is exactly q - z
-        without an int->float conversion.
+        (xsum: x's rows summed over this K step). MAGIC == 0 dequantizes every weight
+        (`_codes_minus_zeros`).
         """
         col = cp * 8 + ((NIBBLE % 4) * 2 + NIBBLE // 4)
         if MAGIC > 0:
@@ -70,10 +86,8 @@ if HAS_TRITON:
             z = ((zeros >> (4 * NIBBLE)) & 0xF).to(tl.float32) + OFFSET
             s = tl.load(s_row_ptr + col, mask=cmask, other=0.0).to(tl.float32)
             return acc + (t - xsum[:, None] * z[None, :]) * s[None, :]
-        q = ((packed >> (4 * NIBBLE)) & 0xF) | 0x4B000000
-        z = ((zeros >> (4 * NIBBLE)) & 0xF) | 0x4B000000
         s = tl.load(s_row_ptr + col, mask=cmask, other=0.0).to(tl.float32)
-        w = (q.to(tl.float32, bitcast=True) - z.to(tl.float32, bitcast=True)[None, :]) * s[None, :]
+        w = _codes_minus_zeros(packed, zeros[None, :], 4 * NIBBLE) * s[None, :]
         return tl.dot(x, w.to(x.dtype), acc)
 
     @triton.jit
@@ -131,9 +145,9 @@ if HAS_TRITON:
                             num_iters, s_xm, s_qk, s_sk, s_zk, s_ps, s_pm, GROUP: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_NP: tl.constexpr, BLOCK_K: tl.constexpr):
         """The same product with one [BLOCK_K, 8 * BLOCK_NP] weight tile a step: each packed
-        word is repeated over its 8 output columns (three interleaves) and every column
-        shifts out its own nibble, so one wide dot replaces eight narrow ones and the
-        output is stored in natural column order."""
+        word is repeated over its 8 output columns (`_spread8`) and every column shifts
+        out its own nibble, so one wide dot replaces eight narrow ones and the output is
+        stored in natural column order."""
         BLOCK_N: tl.constexpr = BLOCK_NP * 8
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cp = tl.program_id(1) * BLOCK_NP + tl.arange(0, BLOCK_NP)
@@ -151,21 +165,37 @@ if HAS_TRITON:
         for it in range(it_begin, it_end):
             x, p, g = _load_k_step(x_ptr, qw_ptr, it, rk, offs_m, mmask, cp, pmask, s_xm,
                                    s_qk, BLOCK_K, GROUP)
-            p = tl.interleave(p, p)
-            p = tl.interleave(p, p)
-            p = tl.interleave(p, p)  # [BLOCK_K, BLOCK_N]: word c at columns 8c .. 8c+7
             zq = tl.load(z_ptr + g * s_zk + cp, mask=pmask, other=0)
-            zq = tl.interleave(zq, zq)
-            zq = tl.interleave(zq, zq)
-            zq = tl.interleave(zq, zq)
             s = tl.load(s_ptr + g * s_sk + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            q = ((p >> shift[None, :]) & 0xF) | 0x4B000000  # the float 2^23 + q
-            z = ((zq >> shift) & 0xF) | 0x4B000000
-            w = (q.to(tl.float32, bitcast=True) - z.to(tl.float32, bitcast=True)[None, :]) \
+            w = _codes_minus_zeros(_spread8(p), _spread8(zq)[None, :], shift[None, :]) \
                 * s[None, :]
             acc = tl.dot(x, w.to(x.dtype), acc)
         out = part_ptr + split * s_ps + offs_m[:, None] * s_pm + offs_n[None, :]
         tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, K, N, s_qk, s_sk, s_zk, s_ok,
+                        GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NP: tl.constexpr):
+        """out[K, N] = (q - z) * s for a [BLOCK_K, 8 * BLOCK_NP] tile, in float32 and
+        rounded once, each packed word spread over its 8 columns as in
+        `_gemm_joined_kernel`."""
+        BLOCK_N: tl.constexpr = BLOCK_NP * 8
+        k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        cp = tl.program_id(1) * BLOCK_NP + tl.arange(0, BLOCK_NP)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kmask = k < K
+        pmask = kmask[:, None] & (cp < N // 8)[None, :]
+        nmask = kmask[:, None] & (offs_n < N)[None, :]
+        k64 = k.to(tl.int64)
+        g = k64 // GROUP
+        p = tl.load(qw_ptr + k64[:, None] * s_qk + cp[None, :], mask=pmask, other=0)
+        zq = tl.load(z_ptr + g[:, None] * s_zk + cp[None, :], mask=pmask, other=0)
+        s = tl.load(s_ptr + g[:, None] * s_sk + offs_n[None, :], mask=nmask, other=0.0)
+        j = offs_n % 8  # AutoAWQ keeps column j of a word in nibble j // 2 + 4 * (j % 2)
+        shift = 4 * (j // 2 + 4 * (j % 2))
+        w = _codes_minus_zeros(_spread8(p), _spread8(zq), shift[None, :]) * s.to(tl.float32)
+        tl.store(out_ptr + k64[:, None] * s_ok + offs_n[None, :],
+                 w.to(out_ptr.dtype.element_ty), mask=nmask)
 
     @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, splits, numel, s_ps, BLOCK: tl.constexpr):
@@ -302,11 +332,47 @@ def _partials(splits: int, out: torch.Tensor) -> torch.Tensor:
     return torch.empty(splits, *out.shape, dtype=torch.float32, device=out.device)
 
 
+# Up to this many rows `w4a16_gemm` runs the fused kernel; from one more on it
+# dequantizes the whole weight (`awq_dequantize`) and multiplies with torch.matmul
+# (cuBLAS): prompt chunks are compute-bound, where the library GEMM is far ahead, and
+# writing and reading back the 16-bit weight costs little against the multiply. One
+# H100, Llama-3-8B layers, weights read from memory (`tune_kernels.py --only
+# w4a16-rows`), fused against dequantized: 4096 x 28672 at 128 rows 165 / 206 us, at
+# 192 rows 249 / 216, at 2048 rows 2368 / 821 (bf16 cuBLAS 706); 4096 x 6144 at 128
+# rows 41 / 47, at 192 71 / 53. Above 64 rows the fused kernel's time steps up every
+# 64 rows (its tile), so the switch sits on a step.
+FUSED_MAX_ROWS = 128
+# `_dequant_kernel`'s rows, packed columns and warps: 2.6 TB/s on one H100 (14336 x 4096),
+# 5% ahead of (32, 16, 4)
+DEQUANT_LAUNCH = (16, 32, 8)
+
+
+def awq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                   group_size: int, dtype: torch.dtype | None = None,
+                   launch: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """[K, N] weights ``w = (q - z) * s`` from AutoAWQ GEMM packing, in ``dtype`` (default:
+    the scales' dtype); computed in float32 and rounded once, as `reference.awq_dequantize`."""
+    k, n = qweight.shape[0], scales.shape[1]
+    dtype = dtype or scales.dtype
+    supported = group_size > 0 and k % group_size == 0 and n % 8 == 0
+    if not use_triton(qweight) or not supported:
+        return reference.awq_dequantize(qweight, scales, qzeros, group_size).to(dtype)
+    qweight, scales, qzeros = qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
+    out = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    block_k, block_np, num_warps = launch or DEQUANT_LAUNCH
+    _dequant_kernel[(cdiv(k, block_k), cdiv(n // 8, block_np))](
+        qweight, scales, qzeros, out, k, n, qweight.stride(0), scales.stride(0),
+        qzeros.stride(0), out.stride(0), GROUP=group_size, BLOCK_K=block_k,
+        BLOCK_NP=block_np, num_warps=num_warps)
+    return out
+
+
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                qzeros: torch.Tensor, group_size: int,
                launch: GemmLaunch | None = None) -> torch.Tensor:
     """``x [.., K] @ W [K, N]`` with W given in AutoAWQ GEMM packing; output in x.dtype.
-    launch: the tensor-core kernel's launch (default: `gemm_launch`)."""
+    launch: the tensor-core kernel's launch (default: `gemm_launch` up to FUSED_MAX_ROWS
+    rows, beyond that the weight dequantized and multiplied by torch.matmul)."""
     _check(x, qweight, scales, qzeros, group_size)
     supported = group_size >= 16 and group_size & (group_size - 1) == 0
     if not use_triton(x) or not supported:
@@ -316,6 +382,9 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x2 = x2.contiguous()
     qweight, scales, qzeros = qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
     m, n = x2.shape[0], scales.shape[1]
+    if launch is None and m > FUSED_MAX_ROWS:
+        w = awq_dequantize(qweight, scales, qzeros, group_size, x.dtype)
+        return torch.matmul(x2, w).view(*x.shape[:-1], n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)

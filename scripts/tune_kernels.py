@@ -2,7 +2,7 @@
 """Times launch configurations of the kernels whose defaults are a guess, on one GPU.
 
     python3 scripts/tune_kernels.py [--quick]
-        [--only decode|w4a16|w4a16-splits|gemv|gemv-rotary]
+        [--only decode|w4a16|w4a16-splits|w4a16-rows|gemv|gemv-rotary]
 
 - int8-KV decode attention (kernels/attention_decode.py, `LAUNCH`): keys per
   tile, warps, stages and the way it dequantizes, at the Llama-3-8B head layout
@@ -15,6 +15,8 @@
 - the W4A16 tensor-core GEMM (kernels/w4a16.py, `gemm_launch`) at 8, 16 and 64
   rows on the Llama-3-8B MLP shapes, and its K split (`--only w4a16-splits`) on
   every Llama-3-8B layer, whole and halved, with the weights read from memory;
+  and the row count from which dequantizing the weight for cuBLAS wins
+  (`--only w4a16-rows`, `FUSED_MAX_ROWS`, `DEQUANT_LAUNCH`);
 - the one-row GEMV and its SwiGLU twin (kernels/gemv.py, `LAUNCH`, `SILU_LAUNCH`)
   on the Llama-3-8B matrices whole and halved for tp=2, with the weights read from
   memory, not L2 (`--only gemv`). Every launch keeps the default `preload`: what
@@ -277,10 +279,65 @@ def tune_w4a16_splits(quick: bool) -> list:
     return rows
 
 
+def sweep_dequantize(k, n, qweight, scales, qzeros, nbytes, copies_of):
+    """`w4a16.DEQUANT_LAUNCH` (rows, packed columns, warps), weights read from memory."""
+    want = w4a16.awq_dequantize(qweight, scales, qzeros, 128)
+    times = {}
+    for launch in itertools.product((16, 32, 64), (8, 16, 32), (4, 8)):
+        if not torch.equal(w4a16.awq_dequantize(qweight, scales, qzeros, 128, launch=launch),
+                           want):
+            raise AssertionError(f"awq_dequantize at {launch} disagrees with the default")
+        times[launch] = bench_cold(lambda c: w4a16.awq_dequantize(*c, 128, launch=launch),
+                                   nbytes, copies_of)
+    default = w4a16.DEQUANT_LAUNCH
+    best = min(times, key=times.get)
+    tbs = (nbytes + want.nbytes) / times[best] / 1e6
+    print(f"dequantize K={k} N={n}: " + ", ".join(f"{c} {us:.1f}" for c, us in times.items())
+          + f"; best {best} {times[best]:.1f} us ({tbs:.2f} TB/s)", flush=True)
+    return f"dequantize K={k} N={n}", times[default], best, times[best]
+
+
+def tune_w4a16_rows(quick: bool) -> list:
+    """Where the W4A16 GEMM should hand over to dequantizing the weight and running the
+    dense GEMM (`w4a16.FUSED_MAX_ROWS`): both ways, and bf16 cuBLAS on the dense weight,
+    over the Llama-3-8B layers at 16 to 2048 rows, weights read from memory."""
+    rows = []
+    layers = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+    for k, n in layers[2:] if quick else layers:
+        qweight, scales, qzeros = random_awq(k, n, 128, **BF16)
+        nbytes = qweight.nbytes + scales.nbytes + qzeros.nbytes
+        dense = torch.randn(k, n, **BF16)
+
+        def copies_of(c):
+            return [(qweight.clone(), scales.clone(), qzeros.clone()) for _ in range(c)]
+
+        def dequantized(x, qw, s, z):
+            return x @ w4a16.awq_dequantize(qw, s, z, 128, x.dtype)
+        rows.append(sweep_dequantize(k, n, qweight, scales, qzeros, nbytes, copies_of))
+        for m in (64, 256) if quick else (16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048):
+            x = torch.randn(m, k, **BF16)
+            fused = w4a16.gemm_launch(m, 128, True)
+            want = dequantized(x, qweight, scales, qzeros).float()
+            torch.testing.assert_close(w4a16.w4a16_gemm(x, qweight, scales, qzeros, 128,
+                                                        launch=fused).float(), want,
+                                       atol=1e-2 * want.abs().max().item(), rtol=2e-2)
+            us_fused = bench_cold(lambda c: w4a16.w4a16_gemm(x, *c, 128, launch=fused),
+                                  nbytes, copies_of)
+            us_deq = bench_cold(lambda c: dequantized(x, *c), nbytes, copies_of)
+            us_dense = bench_cold(lambda w: x @ w, dense.nbytes,
+                                  lambda c: [dense.clone() for _ in range(c)])
+            name = f"w4a16 rows M={m} K={k} N={n}"
+            print(f"{name}: fused {us_fused:.1f} us, dequantize + cuBLAS {us_deq:.1f} us, "
+                  f"bf16 cuBLAS {us_dense:.1f} us", flush=True)
+            rows.append((name, us_fused, "dequantize + cuBLAS", us_deq))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smaller grid")
-    p.add_argument("--only", choices=("decode", "w4a16", "w4a16-splits", "gemv", "gemv-rotary"),
+    p.add_argument("--only", choices=("decode", "w4a16", "w4a16-splits", "w4a16-rows", "gemv",
+                                      "gemv-rotary"),
                    help="tune one kernel")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -288,6 +345,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
     tuners = {"decode": tune_decode, "w4a16": tune_w4a16, "w4a16-splits": tune_w4a16_splits,
+              "w4a16-rows": tune_w4a16_rows,
               "gemv": tune_gemv, "gemv-rotary": tune_gemv_rotary}
     rows = [row for name, tune in tuners.items() if args.only in (None, name)
             for row in tune(args.quick)]

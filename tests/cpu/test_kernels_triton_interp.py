@@ -293,6 +293,7 @@ def _attention(torch, kernels, ref, cases):
 
 def _w4a16(torch, kernels, ref):
     from tpserve.kernels.testing import random_awq
+    from tpserve.kernels import w4a16
     from tpserve.kernels.w4a16 import GemmLaunch, gemm_launch
     for k, n, g in ((96, 48, 32), (64, 40, 16), (32, 528, 16)):
         qweight, scales, qzeros = random_awq(k, n, g, seed=k)
@@ -304,10 +305,20 @@ def _w4a16(torch, kernels, ref):
             _close(f"w4a16_gemm m={m} k={k}", got, want, 2e-3, 2e-3)
             base = gemm_launch(m, g, cuda=False)
             # the tiles over 8 columns a word: edges in N, K split (8) or not
-            for kind, block_np in itertools.product(("joined", "codes"), (2, 4, 8)):
+            for kind, block_np in itertools.product(("joined", "codes", "nibbles"), (2, 4, 8)):
                 launch = GemmLaunch(base.block_m, block_np, base.block_k, kind=kind)
                 got = kernels.w4a16_gemm(x, qweight, scales, qzeros, g, launch=launch)
                 _close(f"w4a16_gemm {kind} m={m} k={k} np={block_np}", got, want, 2e-3, 2e-3)
+        # the whole weight dequantized (exactly the reference's rounding), as the GEMM
+        # does above FUSED_MAX_ROWS rows; 40 and 528 columns leave partial tiles
+        for dtype in (torch.float16, torch.float32):
+            got = w4a16.awq_dequantize(qweight, scales, qzeros, g, dtype)
+            want = ref.awq_dequantize(qweight, scales.to(dtype), qzeros, g)
+            _close(f"awq_dequantize k={k} n={n} {dtype}", got, want, 0.0)
+        x = torch.randn(w4a16.FUSED_MAX_ROWS + 3, k, generator=torch.Generator().manual_seed(k))
+        got = kernels.w4a16_gemm(x.half(), qweight, scales, qzeros, g)
+        _close(f"w4a16_gemm dequantized k={k}", got,
+               ref.w4a16_gemm(x.half(), qweight, scales, qzeros, g), 2e-3, 2e-3)
 
 
 def _slots(torch, kernels, ref):

@@ -165,6 +165,22 @@ def test_w4a16_gemm(k, n, m, dtype):
         _close(got, want, tol, 1e-2)
 
 
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (4096, 1000 * 8)])
+def test_awq_dequantize_and_prompt_rows(k, n):
+    """The dequantizing kernel gives the reference's weights bit for bit, and the GEMM's
+    many-row path (dequantize, then cuBLAS) matches the reference product."""
+    from tpserve.kernels.w4a16 import FUSED_MAX_ROWS, awq_dequantize
+    for dtype in (torch.bfloat16, torch.float16):
+        qweight, scales, qzeros = random_awq(k, n, 128, dtype=dtype, device="cuda")
+        want = ref.awq_dequantize(qweight, scales, qzeros, 128)
+        assert torch.equal(awq_dequantize(qweight, scales, qzeros, 128), want)
+        for m in (FUSED_MAX_ROWS + 1, 1000):
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            want = ref.w4a16_gemm(x, qweight, scales, qzeros, 128)
+            tol = 1e-2 * want.float().abs().max().item()
+            _close(kernels.w4a16_gemm(x, qweight, scales, qzeros, 128), want, tol, 1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(3072, 4096), (4096, 2048), (28672, 4096), (4096, 14336),
                                  (4100, 1000)])
