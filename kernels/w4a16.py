@@ -284,21 +284,36 @@ class GemmLaunch:
                              f"{self.kind!r}")
 
 
-def gemm_launch(m: int, group_size: int, cuda: bool) -> GemmLaunch:
-    """The launch for M rows (scripts/tune_kernels.py times the alternatives). Llama-3-8B
-    MLP shapes, weights read from memory: up to 16 rows the eight narrow dots of the
-    codes are fastest (one H100: 30 us at 8 rows against 35-36 us for the dequantized
-    nibbles and 47-49 us for bf16 cuBLAS); at 32 and 64 the joined tile (one H200: 52
-    us at 64 rows against 86-90 us)."""
+def gemm_launch(m: int, group_size: int, cuda: bool, k: int = 0, n: int = 0,
+                sms: int = 0) -> GemmLaunch:
+    """The launch for M rows of a K x N weight on `sms` multiprocessors
+    (scripts/tune_kernels.py times the alternatives). Llama-3-8B MLP shapes, weights
+    read from memory: up to 16 rows the eight narrow dots of the codes are fastest (one
+    H100: 30 us at 8 rows against 35-36 us for the dequantized nibbles and 47-49 us for
+    bf16 cuBLAS); at 32 and 64 the joined tile (one H200: 52 us at 64 rows against
+    86-90 us).
+
+    The joined tile is 128 columns wide (16 packed words) where, split over K as
+    `_splits` does to fill the GPU, each program still runs 8 K steps or more, else 64.
+    One H100, 64 rows: 4096 x 28672 99.9 -> 86.4 us, 14336 x 4096 50.9 -> 46.0; where
+    the split would leave 4 steps (4096 x 6144) the wide tile was slower, 27.5 against
+    25.2 (k, n or sms unknown: 64)."""
     block_k = min(group_size, 128 if cuda else 32)
     if m <= 16:
         return GemmLaunch(16, 32, block_k, num_warps=4, num_stages=2, kind="codes")
-    return GemmLaunch(32 if m <= 32 else 64, 8, block_k, kind="joined")
+    launch = GemmLaunch(32 if m <= 32 else 64, 8, block_k, kind="joined")
+    if k and n and sms:
+        wide = replace(launch, block_np=16)
+        tiles = cdiv(m, wide.block_m) * cdiv(n // 8, wide.block_np)
+        if _splits(k // block_k, tiles, sms, even=True)[1] >= 8:
+            return wide
+    return launch
 
 
 def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None = None):
     (m, k), n_packed = x.shape, qweight.shape[1]
-    launch = launch or gemm_launch(m, group_size, x.is_cuda)
+    sms = num_sms(x)
+    launch = launch or gemm_launch(m, group_size, x.is_cuda, k, n_packed * 8, sms)
     if launch.kind == "codes" and x.dtype not in _CODE_MAGIC:
         launch = replace(launch, kind="nibbles")  # the codes are 16-bit floats
     block_m, block_np, block_k = launch.block_m, launch.block_np, launch.block_k
@@ -307,7 +322,7 @@ def _gemm(x, qweight, scales, qzeros, group_size, out, launch: GemmLaunch | None
     if launch.splits:
         splits, per = _split_into(iters, launch.splits)
     else:
-        splits, per = _splits(iters, tiles, num_sms(x), even=launch.kind == "joined")
+        splits, per = _splits(iters, tiles, sms, even=launch.kind == "joined")
     part = _partials(splits, out)
     extra = {}
     if launch.kind == "joined":

@@ -49,6 +49,7 @@ from tpserve.kernels.testing import random_awq  # noqa: E402
 
 NQ, NKV, D = 32, 8, 128
 BF16 = dict(dtype=torch.bfloat16, device="cuda")
+SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 0
 
 
 def bench(fn) -> float:
@@ -144,7 +145,7 @@ def tune_w4a16(quick: bool) -> list:
                                      (4,) if quick else (4, 8), (2, 3, 4), w4a16.KINDS)
             configs = [w4a16.GemmLaunch(*c) for c in grid]  # last field: the kind of tile
             rows.append(sweep(f"w4a16 M={m} K={k} N={n}", configs, run,
-                              w4a16.gemm_launch(m, 128, True)))
+                              w4a16.gemm_launch(m, 128, True, k, n, SMS)))
     return rows
 
 
@@ -263,7 +264,7 @@ def tune_w4a16_splits(quick: bool) -> list:
             cublas = bench_cold(lambda w: torch.nn.functional.linear(x, w), dense.nbytes,
                                 lambda c: [dense.clone() for _ in range(c)])
             want = w4a16.w4a16_gemm(x, qweight, scales, qzeros, 128).float()
-            default = w4a16.gemm_launch(m, 128, True)
+            default = w4a16.gemm_launch(m, 128, True, k, n, SMS)
             times = {}
             for splits in (0, 1, 2, 3, 4, 6, 8, 16):
                 launch = dataclasses.replace(default, splits=splits)
@@ -316,7 +317,7 @@ def tune_w4a16_rows(quick: bool) -> list:
         rows.append(sweep_dequantize(k, n, qweight, scales, qzeros, nbytes, copies_of))
         for m in (64, 256) if quick else (16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048):
             x = torch.randn(m, k, **BF16)
-            fused = w4a16.gemm_launch(m, 128, True)
+            fused = w4a16.gemm_launch(m, 128, True, k, n, SMS)
             want = dequantized(x, qweight, scales, qzeros).float()
             torch.testing.assert_close(w4a16.w4a16_gemm(x, qweight, scales, qzeros, 128,
                                                         launch=fused).float(), want,
