@@ -1,9 +1,12 @@
 """The serving engine on a GPU at real widths (Llama-3-8B's hidden size, heads,
 GQA and vocab; two layers): greedy tokens equal transformers' in every engine
-scenario, with decode running through CUDA graphs; graphs equal eager; and the
-prefill kernel's variants are compiled as the engine starts, not while it serves."""
+scenario, with decode running through CUDA graphs; graphs equal eager; the
+prefill kernel's variants are compiled as the engine starts, not while it serves;
+and the same model in 4 bits matches transformers on its dequantized weights
+through every 4-bit kernel a step can take."""
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -153,3 +156,79 @@ def test_prompt_attention_is_compiled_at_start(real_width, monkeypatch, at_start
         assert not late, f"{len(late)} prefill variants compiled while serving: {late}"
     else:
         assert len(late) >= 3, late
+
+
+@pytest.fixture(scope="module")
+def awq_real_width(real_width, tmp_path_factory):
+    """The real-width model rounded to 4 bits (groups of 128) by `lite auto_awq`, as a
+    workspace, and transformers' model holding the checkpoint's weights dequantized."""
+    from safetensors.torch import load_file
+
+    from tpserve.cluster.cli import main
+    from tpserve.quant.quantize import dequantize_awq
+
+    ws, model = real_width
+    root = tmp_path_factory.mktemp("llama3-width-w4")
+    assert main(["lite", "auto_awq", "--model", str(ws.parent / "hf"), "--w-bits", "4",
+                 "--w-group-size", "128", "--w-method", "rtn", "--eval-ppl", "False",
+                 "--work-dir", str(root / "awq")]) == 0
+    assert main(["convert", "llama3", str(root / "awq"), "--model-format", "awq",
+                 "--group-size", "128", "--dst-path", str(root / "ws")]) == 0
+    tensors = {}
+    for f in sorted((root / "awq").glob("*.safetensors")):
+        tensors.update(load_file(str(f), device="cuda"))
+    state = {}
+    for key, t in tensors.items():
+        if key.endswith(".qweight"):
+            stem = key.removesuffix(".qweight")
+            state[f"{stem}.weight"] = dequantize_awq(t, tensors[f"{stem}.qzeros"],
+                                                     tensors[f"{stem}.scales"])
+        elif not key.endswith((".qzeros", ".scales")):
+            state[key] = t.float()
+    reference = copy.deepcopy(model)
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+    return root / "ws", reference
+
+
+def test_w4a16_engine_matches_dequantized_transformers(awq_real_width):
+    """The 4-bit engine in bf16 against transformers in float32 on the same (dequantized)
+    weights, for every path of `AWQTinyGemmMethod` and `w4a16_gemm`: prompt GEMMs of 300
+    rows (dequantized for cuBLAS) and of 100 (the joined tile), decode steps of 1 row
+    (PyTorch's int4 matmul), 8 (the codes kernel) and 40 (the joined tile, from CUDA
+    graphs). The error bound is bf16's; a wrong nibble, zero or scale is far above it."""
+    from tpserve.engine.forward_batch import ForwardBatch
+
+    ws, reference = awq_real_width
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator().manual_seed(5)
+    llm = LLM(ws, **dict(OPTIONS, dtype="bfloat16", max_batch_size=64))
+    errors = {}
+
+    def check(name, got, seqs, rows):
+        """got [len(rows), vocab] against transformers' logits at rows[i] of seqs[i]."""
+        with torch.no_grad():
+            want = torch.cat([reference(torch.tensor([seq], device="cuda")).logits[0, r]
+                              .reshape(-1, got.shape[-1]) for seq, r in zip(seqs, rows)])
+        errors[name] = float((got.float().cpu() - want.cpu()).norm() / want.norm())
+        assert errors[name] < 0.05, errors
+
+    try:
+        runner = llm.executor
+        with torch.inference_mode():
+            for n in (300, 100):  # one prompt, every position's logits
+                ids = torch.randint(0, 4000, (n,), generator=gen).tolist()
+                batch = ForwardBatch.build([ids], [0], [list(range(8))], 64)
+                batch.logits_indices = torch.arange(n)
+                check(f"prompt of {n}", runner.execute(batch).clone(), [ids], [slice(None)])
+            for b in (1, 8, 40):  # b prompts of 3-9 tokens in one step, then one decode
+                seqs = [torch.randint(0, 4000, (int(n) + 1,), generator=gen).tolist()
+                        for n in torch.randint(3, 10, (b,), generator=gen)]
+                tables = [[i] for i in range(b)]
+                runner.execute(ForwardBatch.build([s[:-1] for s in seqs], [0] * b, tables, 64))
+                step = ForwardBatch.build([s[-1:] for s in seqs], [len(s) - 1 for s in seqs],
+                                          tables, 64)
+                check(f"decode of {b}", runner.execute(step).clone(), seqs, [-1] * b)
+    finally:
+        llm.shutdown()
+    print(f"{torch.cuda.get_device_name()}: relative logit errors {errors}")
