@@ -26,6 +26,7 @@ import torch
 
 from . import reference
 from ._dispatch import HAS_TRITON, cdiv, num_sms, use_triton
+
 __all__ = ["w4a16_gemm", "awq_dequantize"]
 
 if HAS_TRITON:
@@ -371,7 +372,7 @@ def awq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Te
     dtype = dtype or scales.dtype
     supported = group_size > 0 and k % group_size == 0 and n % 8 == 0
     if not use_triton(qweight) or not supported:
-        return reference.awq_dequantize(qweight, scales, qzeros, group_size).to(dtype)
+        return reference.awq_dequantize(qweight, scales.float(), qzeros, group_size).to(dtype)
     qweight, scales, qzeros = qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
     out = torch.empty(k, n, dtype=dtype, device=qweight.device)
     block_k, block_np, num_warps = launch or DEQUANT_LAUNCH
