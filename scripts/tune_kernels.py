@@ -314,6 +314,7 @@ def tune_w4a16_rows(quick: bool) -> list:
 
         def dequantized(x, qw, s, z):
             return x @ w4a16.awq_dequantize(qw, s, z, 128, x.dtype)
+
         rows.append(sweep_dequantize(k, n, qweight, scales, qzeros, nbytes, copies_of))
         for m in (64, 256) if quick else (16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048):
             x = torch.randn(m, k, **BF16)
