@@ -14,7 +14,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
-from ..kernels import awq_dequantize, int4_tinygemm, silu_and_mul, w4a16_gemm
+from ..kernels import int4_tinygemm, silu_and_mul, w4a16_gemm
 from ..kernels.embedding import vocab_embedding
 from ..kernels.gemv import linear, linear_silu_mul, one_row
 from ..kernels.peer_slots import SendTarget
@@ -119,14 +119,8 @@ class AWQMethod:
         return {k: torch.cat([q[k] for q in parts], dim=1) for k in self.param_names}
 
     def apply(self, p, x):
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.is_cuda:
-            y = w4a16_gemm(x2, p["qweight"], p["scales"], p["qzeros"], self.group_size)
-        else:
-            w = awq_dequantize(p["qweight"], p["scales"], p["qzeros"], self.group_size)
-            y = x2 @ w.to(x2.dtype)
-        return y.reshape(*shape, y.shape[-1])
+        # w4a16_gemm picks the kernel by device and rows (on CPU: dequantized, plain torch)
+        return w4a16_gemm(x, p["qweight"], p["scales"], p["qzeros"], self.group_size)
 
     def apply_silu_mul(self, p, x):
         return silu_and_mul(self.apply(p, x))
